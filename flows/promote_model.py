@@ -1,0 +1,64 @@
+"""Move a registered version along development → staging → production, refusing to replace a better one."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from oppen.promotion import decide_promotion, previous_stage
+from oppen.settings import load_settings
+from tasks.registry import holder_of, version_score
+from tasks.tracking import client_for
+
+
+class PromotionResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model_name: str
+    version: int
+    target: str
+    promoted: bool
+    reason: str
+    replaced_version: int | None
+
+
+class PromotionRefused(RuntimeError):
+    """The registry rules refused the move; the message says why."""
+
+
+@task(cache_policy=NONE)
+def promote(model_name: str, target: str, version: int | None, force: bool) -> PromotionResult:
+    client = client_for(load_settings())
+    if version is None:
+        source = previous_stage(target)
+        holder = holder_of(client, model_name, source)
+        if holder is None:
+            raise PromotionRefused(f"no version of {model_name!r} holds {source!r}; name a version to promote")
+        version = holder.version
+    candidate = version_score(client, model_name, version)
+    incumbent = holder_of(client, model_name, target)
+    decision = decide_promotion(candidate, target, incumbent, force)
+    if decision.allowed:
+        client.set_registered_model_alias(model_name, target, str(version))
+    get_run_logger().info("%s: %s", "promoted" if decision.allowed else "refused", decision.reason)
+    return PromotionResult(
+        model_name=model_name, version=version, target=target, promoted=decision.allowed, reason=decision.reason,
+        replaced_version=incumbent.version if incumbent and decision.allowed else None,
+    )
+
+
+@flow(name="promote-model", validate_parameters=True)
+def promote_model(
+    model_name: Annotated[str, Field(min_length=1)],
+    target: Literal["staging", "production"] = "staging",
+    version: PositiveInt | None = None,
+    force: bool = False,
+) -> PromotionResult:
+    """Give `version` (default: the holder of the previous stage) the `target` alias; fail with the reason if refused."""
+    result = promote(model_name, target, version, force)
+    if not result.promoted:
+        raise PromotionRefused(result.reason)
+    return result

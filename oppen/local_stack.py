@@ -1,0 +1,223 @@
+"""The embedded default on one machine: Prefect server (SQLite), MLflow (SQLite + local artifacts),
+the `local` process pool with its queues, the deployments, and a worker.
+
+    python -m oppen.local_stack up      # start everything (idempotent: reuses what is running)
+    python -m oppen.local_stack demo    # up, then run train-mnist/local --watch and print a summary
+    python -m oppen.local_stack status
+    python -m oppen.local_stack down    # stop what `up` started
+
+State (databases, artifacts, logs, pids) lives under $OPPEN_HOME (default .oppen/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from oppen.settings import load_settings
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+PREFERRED_PORTS = {"prefect": 4200, "mlflow": 5000}
+# Poll often: the default 10 s query interval is most of a short run's dispatch latency.
+WORKER_QUERY_SECONDS = "2"
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def free_port(preferred: int | None = None) -> int:
+    for candidate in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free loopback port")
+
+
+def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"process for {url} exited with {process.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout_s:.0f}s" + (f"; see {log}" if log else ""))
+
+
+class LocalStack:
+    def __init__(self, home: Path) -> None:
+        self.home = home.resolve()
+        self.state_file = self.home / "stack.json"
+        self.logs = self.home / "logs"
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+    def _save(self, state: dict) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(state, indent=2))
+
+    def _alive(self, name: str) -> bool:
+        pid = self.state().get("pids", {}).get(name)
+        if not pid:
+            return False
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+
+    def env(self) -> dict[str, str]:
+        """The environment every Prefect/MLflow client of this stack needs."""
+        state = self.state()
+        env = dict(os.environ)
+        env.update(
+            PREFECT_HOME=str(self.home / "prefect"),
+            PREFECT_API_URL=f"http://127.0.0.1:{state['ports']['prefect']}/api",
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            OPPEN_HOME=str(self.home),
+            OPPEN_MLFLOW_TRACKING_URI=f"http://127.0.0.1:{state['ports']['mlflow']}",
+            OPPEN_PROJECT_DIR=str(PROJECT_DIR),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "ab")
+        # A session of its own: it outlives this command, and `down` can stop it with its children.
+        process = subprocess.Popen(argv, env=env, cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        state = self.state()
+        state.setdefault("pids", {})[name] = process.pid
+        self._save(state)
+        return process
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def up(self) -> dict:
+        state = self.state()
+        if not (self._alive("prefect") and self._alive("mlflow")):
+            self.down(quiet=True)
+            state = {"ports": {name: free_port(port) for name, port in PREFERRED_PORTS.items()}, "pids": {}}
+            self._save(state)
+        env = self.env()
+        ports = state["ports"]
+        (self.home / "prefect").mkdir(parents=True, exist_ok=True)
+        if not self._alive("prefect"):
+            print(f"starting Prefect server on 127.0.0.1:{ports['prefect']} (SQLite under {self.home / 'prefect'})")
+            proc = self._spawn("prefect", [_bin("prefect"), "server", "start", "--host", "127.0.0.1",
+                                           "--port", str(ports["prefect"])], env)
+            wait_http(f"http://127.0.0.1:{ports['prefect']}/api/health", 120, proc, self.logs / "prefect.log")
+        if not self._alive("mlflow"):
+            print(f"starting MLflow on 127.0.0.1:{ports['mlflow']} (SQLite + {self.home / 'mlartifacts'})")
+            proc = self._spawn("mlflow", [
+                _bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(ports["mlflow"]),
+                "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
+                "--artifacts-destination", str(self.home / "mlartifacts"), "--workers", "1",
+            ], env)
+            wait_http(f"http://127.0.0.1:{ports['mlflow']}/health", 120, proc, self.logs / "mlflow.log")
+        subprocess.run([sys.executable, "-m", "work_pools.apply"], env=env, cwd=PROJECT_DIR, check=True)
+        subprocess.run([_bin("prefect"), "--no-prompt", "deploy", "--all"], env=env, cwd=PROJECT_DIR, check=True,
+                       stdout=subprocess.DEVNULL)
+        print("deployed prefect.yaml: train-mnist/local, train-lm/local, promote-model/local")
+        if not self._alive("worker"):
+            worker_env = env | {"PREFECT_WORKER_QUERY_SECONDS": WORKER_QUERY_SECONDS}
+            self._spawn("worker", [_bin("prefect"), "worker", "start", "--pool", "local", "--type", "process",
+                                   "--name", "oppen-local-worker"], worker_env)
+            print("started a process worker on pool 'local'")
+        print(f"Prefect UI: http://127.0.0.1:{ports['prefect']}   MLflow UI: http://127.0.0.1:{ports['mlflow']}")
+        return self.state()
+
+    def down(self, quiet: bool = False) -> None:
+        for name, pid in self.state().get("pids", {}).items():
+            try:
+                os.killpg(pid, signal.SIGTERM)
+                if not quiet:
+                    print(f"stopped {name} (pid {pid})")
+            except OSError:
+                pass
+        deadline = time.monotonic() + 15
+        for pid in self.state().get("pids", {}).values():
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except OSError:
+                    break
+                time.sleep(0.2)
+            else:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        state = self.state()
+        if state:
+            state["pids"] = {}
+            self._save(state)
+
+    def status(self) -> None:
+        state = self.state()
+        for name in ("prefect", "mlflow", "worker"):
+            print(f"{name}: {'running' if self._alive(name) else 'stopped'}")
+        if state.get("ports"):
+            print(f"Prefect UI: http://127.0.0.1:{state['ports']['prefect']}  "
+                  f"MLflow UI: http://127.0.0.1:{state['ports']['mlflow']}")
+
+    def run_deployment(self, name: str, params: list[str]) -> str:
+        """`prefect deployment run NAME --watch`, streamed; returns the flow run id."""
+        argv = [_bin("prefect"), "deployment", "run", name, "--watch"]
+        for param in params:
+            argv += ["--param", param]
+        process = subprocess.Popen(argv, env=self.env(), cwd=PROJECT_DIR, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        output = []
+        for line in process.stdout:
+            print(line, end="")
+            output.append(line)
+        process.wait()
+        match = re.search(r"UUID:\s*([0-9a-f-]{36})", "".join(output))
+        if process.returncode != 0 or not match:
+            raise SystemExit(f"deployment run {name} failed (exit {process.returncode}); worker log: {self.logs / 'worker.log'}")
+        return match.group(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The embedded Oppen stack on this machine.")
+    parser.add_argument("command", choices=["up", "demo", "status", "down"])
+    parser.add_argument("--param", "-p", action="append", default=[], help="key=value for the demo deployment run")
+    args = parser.parse_args(argv)
+    stack = LocalStack(load_settings().home)
+    if args.command == "up":
+        stack.up()
+    elif args.command == "down":
+        stack.down()
+    elif args.command == "status":
+        stack.status()
+    else:
+        from oppen.run_summary import print_summary
+
+        stack.up()
+        flow_run_id = stack.run_deployment("train-mnist/local", args.param)
+        print_summary(flow_run_id, stack.env())
+
+
+if __name__ == "__main__":
+    main()

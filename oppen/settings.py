@@ -1,0 +1,56 @@
+"""One typed settings object, read from the environment when asked for (never at import time)."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OppenSettings(BaseSettings):
+    """Everything Oppen reads from the environment (OPPEN_* variables), with local defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="OPPEN_", extra="ignore", frozen=True)
+
+    home: Path = Field(Path(".oppen"), description="State of the embedded stack: databases, artifacts, checkpoints, logs.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="None: $MLFLOW_TRACKING_URI, else a SQLite file under home."
+    )
+    mlflow_artifact_root: str | None = Field(
+        None, description="Artifact location of experiments Oppen creates; None: under home (file store) or the server's."
+    )
+    checkpoint_root: Path | None = Field(None, description="Where runs checkpoint; None: home/checkpoints.")
+    mlflow_ui_url: str | None = Field(None, description="Shown in summaries; None: derived from an http tracking URI.")
+
+    @cached_property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @cached_property
+    def artifact_root(self) -> str | None:
+        """Explicit for file-backed stores so artifacts never land in whatever directory a worker runs in."""
+        if self.mlflow_artifact_root:
+            return self.mlflow_artifact_root
+        if self.tracking_uri.startswith("sqlite:") or self.tracking_uri.startswith("file:"):
+            return (self.home / "mlartifacts").resolve().as_uri()
+        return None  # an MLflow server decides (its --default-artifact-root)
+
+    @cached_property
+    def ui_url(self) -> str | None:
+        if self.mlflow_ui_url:
+            return self.mlflow_ui_url
+        return self.tracking_uri if self.tracking_uri.startswith("http") else None
+
+    def checkpoint_dir_for(self, *parts: str) -> Path:
+        return Path(self.checkpoint_root or self.home / "checkpoints").joinpath(*parts).resolve()
+
+
+def load_settings() -> OppenSettings:
+    return OppenSettings()
