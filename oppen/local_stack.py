@@ -5,6 +5,7 @@ the `local` process pool with its queues, the deployments, and a worker.
     python -m oppen.local_stack demo    # up, then run train-mnist/local --watch and print a summary
     python -m oppen.local_stack status
     python -m oppen.local_stack down    # stop what `up` started
+    eval "$(python -m oppen.local_stack env)"   # point this shell's prefect/mlflow CLIs at the stack
 
 State (databases, artifacts, logs, pids) lives under $OPPEN_HOME (default .oppen/).
 """
@@ -201,7 +202,7 @@ class LocalStack:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The embedded Oppen stack on this machine.")
-    parser.add_argument("command", choices=["up", "demo", "status", "down"])
+    parser.add_argument("command", choices=["up", "demo", "status", "down", "env"])
     parser.add_argument("--param", "-p", action="append", default=[], help="key=value for the demo deployment run")
     args = parser.parse_args(argv)
     stack = LocalStack(load_settings().home)
@@ -211,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
         stack.down()
     elif args.command == "status":
         stack.status()
+    elif args.command == "env":
+        env = stack.env()
+        for key in ("PREFECT_API_URL", "OPPEN_HOME", "OPPEN_MLFLOW_TRACKING_URI", "OPPEN_PROJECT_DIR"):
+            print(f"export {key}={env[key]}")
+        print(f"export MLFLOW_TRACKING_URI={env['OPPEN_MLFLOW_TRACKING_URI']}")
     else:
         from oppen.run_summary import print_summary
 

@@ -11,7 +11,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing dependencies into $VENV (constraints.txt)"
-  "$VENV/bin/pip" install -q --upgrade pip
   # torch first and alone: pinned, it takes the local CPU wheel instead of a multi-GB CUDA build.
   "$VENV/bin/pip" install -q -c constraints.txt torch
   "$VENV/bin/pip" install -q -c constraints.txt -e ".[test]"

@@ -1,0 +1,85 @@
+"""What the flow costs on top of the bare training loop, side by side in one run.
+
+    python bench/overhead.py [--repeats 2]
+
+Both paths run the same MNIST training config (the flow's defaults) and the same test
+evaluation. The flow path is the full train-mnist flow against a real `prefect server start`
+(SQLite) and MLflow on SQLite: tracking run, params, per-epoch metrics, progress artifact, model
+logging, registration and the summary artifact. One warm-up of each path first, so one-time
+costs (imports, database migrations, first connections) are reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import table  # noqa: E402
+from oppen.local_stack import free_port, wait_http  # noqa: E402
+
+
+def bare(run) -> float:
+    import torch
+
+    from training.loop import train
+    from training.mnist.workload import MnistConfig, MnistWorkload
+
+    started = time.perf_counter()
+    workload = MnistWorkload.load(MnistConfig(), run.seed)
+    trained = train(workload, run)
+    workload.test(trained.model, torch.device(trained.result.device))
+    return time.perf_counter() - started
+
+
+def through_flow(run) -> float:
+    from flows.train_mnist import train_mnist
+
+    started = time.perf_counter()
+    train_mnist(run=run, experiment="overhead-bench", model_name="overhead-bench")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="oppen-overhead-"))
+    port = free_port()
+    env = os.environ | {"PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=open(root / "server.log", "wb"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 120, server, root / "server.log")
+        os.environ.update(PREFECT_API_URL=f"http://127.0.0.1:{port}/api", OPPEN_HOME=str(root / "oppen"),
+                          OPPEN_MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
+        from flows.train_mnist import MNIST_RUN
+
+        warm = MNIST_RUN.model_copy(update={"max_steps": 5})
+        cold_bare, cold_flow = bare(warm), through_flow(warm)
+        bare_times, flow_times = [], []
+        for _ in range(args.repeats):  # interleaved, so drift in machine load hits both paths alike
+            bare_times.append(bare(MNIST_RUN))
+            flow_times.append(through_flow(MNIST_RUN))
+    finally:
+        os.killpg(server.pid, 15)
+    b, f = statistics.median(bare_times), statistics.median(flow_times)
+    print(table(
+        ["path", "runs", "median wall s", "all runs s"],
+        [["bare loop", len(bare_times), b, ", ".join(f"{t:.1f}" for t in bare_times)],
+         ["train-mnist flow", len(flow_times), f, ", ".join(f"{t:.1f}" for t in flow_times)]],
+    ))
+    print(f"\nflow overhead: {f - b:+.2f} s ({100 * (f - b) / b:+.1f}%), ratio {f / b:.3f}")
+    print(f"warm-up (5 steps, one-time costs included): bare {cold_bare:.1f} s, flow {cold_flow:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Shared fixtures. Data is found through the same variables a user sets (scripts/test.sh sets them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def _data_dir(var: str, fallback: Path) -> Path:
+    path = Path(os.environ.get(var) or fallback)
+    if not path.is_dir():
+        pytest.skip(f"{var} is not set and {fallback} does not exist")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    return _data_dir("OPPEN_MNIST_DIR", SHARED / "mnist")
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir() -> Path:
+    return _data_dir("OPPEN_WIKITEXT_DIR", SHARED / "wikitext-2")
+
+
+@pytest.fixture(scope="session")
+def mnist_arrays(mnist_dir):
+    from training.mnist.data import load_mnist
+
+    return load_mnist(mnist_dir)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, mnist_dir):
+    """A real Prefect server with the pools applied, prefect.yaml deployed and a process worker."""
+    import sys
+
+    from tests.stack import PrefectStack
+
+    stack = PrefectStack(tmp_path_factory.mktemp("stack"))
+    stack.env["OPPEN_MNIST_DIR"] = str(mnist_dir)
+    try:
+        stack.start_server()
+        stack.run(sys.executable, "-m", "work_pools.apply")
+        stack.prefect("--no-prompt", "deploy", "--all")
+        stack.start_worker()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def in_process(stack, monkeypatch):
+    """Flows called in this process talk to the test server and its MLflow store."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    for key in ("OPPEN_HOME", "OPPEN_MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(key, stack.env[key])
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        yield stack

@@ -1,0 +1,73 @@
+"""A real Prefect server (and worker) on a free loopback port, for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from oppen.local_stack import PROJECT_DIR, free_port, wait_http
+
+BIN = Path(sys.executable).parent
+
+
+class PrefectStack:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.processes: list[subprocess.Popen] = []
+        self.env = dict(os.environ) | {
+            "PREFECT_HOME": str(root / "prefect"),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "OPPEN_HOME": str(root / "oppen"),
+            "OPPEN_MLFLOW_TRACKING_URI": self.tracking_uri,
+            "OPPEN_PROJECT_DIR": str(PROJECT_DIR),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")
+        process = subprocess.Popen(argv, env=self.env, cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def start_server(self) -> None:
+        (self.root / "prefect").mkdir(parents=True, exist_ok=True)
+        server = self.spawn("server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                       "--port", str(self.port)])
+        wait_http(f"{self.api_url}/health", 120, server, self.root / "server.log")
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(list(argv), env=self.env, cwd=PROJECT_DIR, capture_output=True, text=True,
+                              check=check, timeout=timeout)
+
+    def prefect(self, *argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        return self.run(str(BIN / "prefect"), *argv, check=check, timeout=timeout)
+
+    def start_worker(self, pool: str = "local") -> None:
+        self.spawn("worker", [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"])
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except OSError:
+                continue
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text()[-4000:] if path.exists() else ""

@@ -1,0 +1,74 @@
+"""Flows called in-process against the real test server: failures, the LM flow, promotion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import tasks.training_tasks
+from flows.promote_model import PromotionRefused, promote_model
+from flows.train_lm import train_lm
+from flows.train_mnist import train_mnist
+from oppen.settings import load_settings
+from tasks.registry import register_version
+from tasks.tracking import client_for, ensure_experiment, log_torch_model
+from training.config import RunConfig
+from training.lm.workload import LmConfig
+from training.mnist.models import FastCNN
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def test_a_failure_after_training_closes_the_run_failed_and_keeps_its_metrics(in_process, monkeypatch):
+    def broken_store(*args, **kwargs):
+        raise OSError("artifact store unreachable")
+
+    monkeypatch.setattr(tasks.training_tasks, "log_torch_model", broken_store)
+    with pytest.raises(OSError, match="artifact store unreachable"):
+        train_mnist(run=RunConfig(epochs=1, batch_size=128, learning_rate=5e-3, max_steps=12), experiment="failing")
+    client = MlflowClient(in_process.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
+    assert run.info.status == "FAILED"
+    assert {"val_accuracy", "train_loss", "test_accuracy"} <= set(run.data.metrics)
+    assert run.data.params["run.max_steps"] == "12"
+
+
+def test_lm_flow_trains_offline_and_registers(in_process, wikitext_dir):
+    summary = train_lm(
+        config=LmConfig(data_dir=wikitext_dir, block_size=64, vocab_size=512, n_layer=1, n_head=2, n_embd=64,
+                        max_train_tokens=30_000, max_eval_tokens=4096),
+        run=RunConfig(epochs=1, batch_size=16, learning_rate=3e-3, max_steps=15),
+        max_perplexity=5000.0,
+    )
+    assert summary.evaluation.primary_metric == "eval_perplexity"
+    assert summary.registered is not None and summary.registered.alias == "development"
+    run = MlflowClient(in_process.tracking_uri).get_run(summary.mlflow_run_id)
+    assert run.data.params["config.data_dir"] == str(wikitext_dir)
+    assert run.data.metrics["eval_perplexity"] == pytest.approx(summary.evaluation.primary_value)
+
+
+def _register(name: str, accuracy: float) -> int:
+    settings = load_settings()
+    client = client_for(settings)
+    experiment_id = ensure_experiment(client, "promotion", settings.artifact_root)
+    run_id = client.create_run(experiment_id).info.run_id
+    uri = log_torch_model(settings, run_id, FastCNN(), torch.zeros(1, 1, 28, 28).numpy(), "model")
+    return register_version(settings, name, uri, "test_accuracy", accuracy, True, "development").version
+
+
+def test_promotion_moves_along_and_refuses_a_worse_replacement(in_process):
+    good = _register("promo-cnn", 0.991)
+    result = promote_model(model_name="promo-cnn", target="staging")
+    assert result.promoted and result.version == good
+    assert promote_model(model_name="promo-cnn", target="production").promoted
+
+    worse = _register("promo-cnn", 0.985)  # now holds development
+    promote_model(model_name="promo-cnn", target="staging", force=True)  # staging may be forced...
+    with pytest.raises(PromotionRefused, match=r"version 1 \(test_accuracy 0.9910\) holds 'production' and scores better"):
+        promote_model(model_name="promo-cnn", target="production")
+    client = MlflowClient(in_process.tracking_uri)
+    assert int(client.get_model_version_by_alias("promo-cnn", "production").version) == good
+    forced = promote_model(model_name="promo-cnn", target="production", force=True)
+    assert forced.promoted and forced.replaced_version == good
+    assert int(client.get_model_version_by_alias("promo-cnn", "production").version) == worse

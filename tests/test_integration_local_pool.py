@@ -1,0 +1,93 @@
+"""Through a real `prefect server start`: pools, `prefect deploy`, a process worker, MLflow on SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from uuid import UUID
+
+import pytest
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.stack import PrefectStack
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+SMALL_RUN = {"epochs": 1, "batch_size": 128, "learning_rate": 5e-3, "max_steps": 40, "log_every_steps": 10}
+
+
+def _read_flow_run(stack, flow_run_id: str):
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_run(UUID(flow_run_id))
+
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        return asyncio.run(read())
+
+
+def _deployment_run(stack, *params: str, check: bool = True):
+    argv = ["deployment", "run", "train-mnist/local", "--watch", "--watch-timeout", "240"]
+    for param in params:
+        argv += ["--param", param]
+    result = stack.prefect(*argv, check=False, timeout=300)
+    if check and result.returncode != 0:
+        pytest.fail(f"deployment run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{stack.log('worker')}")
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", result.stdout)
+    return result, match.group(1) if match else None
+
+
+def test_pool_and_queues_exist_with_priorities_and_reapply_is_a_no_op(stack):
+    async def queues():
+        async with get_client() as client:
+            return await client.read_work_queues(work_pool_name="local")
+
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        by_name = {q.name: q.priority for q in asyncio.run(queues())}
+    assert by_name["urgent"] < by_name["normal"] < by_name["background"]
+    assert (by_name["urgent"], by_name["normal"], by_name["background"]) == (1, 2, 3)
+    again = stack.run(sys.executable, "-m", "work_pools.apply")
+    assert again.stdout.strip() == "no changes"
+
+
+def test_mnist_deployment_trains_logs_and_registers(stack):
+    result, flow_run_id = _deployment_run(stack, f"run={json.dumps(SMALL_RUN)}", "min_test_accuracy=0.5")
+    assert "Completed" in result.stdout
+    client = MlflowClient(tracking_uri=stack.tracking_uri, registry_uri=stack.tracking_uri)
+    experiment = client.get_experiment_by_name("mnist")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["config.model"] == "default"
+    assert run.data.params["run.max_steps"] == "40"
+    assert run.data.params["run.checkpoint_dir"].endswith(flow_run_id)
+    for metric in ("train_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "test_accuracy"):
+        assert metric in run.data.metrics, metric
+    assert run.data.metrics["test_accuracy"] > 0.5
+    # The model is logged in the run (MLflow 3 logged model) and loadable.
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert any(m.source_run_id == run.info.run_id for m in models)
+    version = client.get_model_version_by_alias("mnist-cnn", "development")
+    assert version.run_id == run.info.run_id
+    assert version.tags["oppen.metric"] == "test_accuracy"
+    # Per-epoch progress was visible on the flow run as artifacts.
+    flow_run = _read_flow_run(stack, flow_run_id)
+    assert flow_run.state.is_completed()
+
+
+def test_schema_violations_are_rejected_before_a_run_is_created(stack):
+    result, flow_run_id = _deployment_run(stack, 'run={"epochs": 0}', check=False)
+    assert result.returncode != 0 and flow_run_id is None
+    assert "epochs" in (result.stdout + result.stderr)
+
+
+def test_missing_data_directory_fails_the_flow_run_with_the_reason(stack):
+    result, flow_run_id = _deployment_run(stack, 'config={"data_dir": "/nonexistent/mnist"}', check=False)
+    assert flow_run_id is not None
+    flow_run = _read_flow_run(stack, flow_run_id)
+    assert flow_run.state.is_failed()
+    assert "/nonexistent/mnist does not exist" in flow_run.state.message
