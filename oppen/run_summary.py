@@ -35,7 +35,8 @@ def collect(flow_run_id: str, tracking_uri: str) -> RunReport:
     run = runs[0] if runs else None
     registered = []
     if run is not None:
-        for mv in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+        for found in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+            mv = client.get_model_version(found.name, found.version)  # search results omit aliases
             aliases = ", ".join(mv.aliases) or "no alias"
             registered.append(f"{mv.name} v{mv.version} ({aliases})")
     ui = None

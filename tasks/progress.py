@@ -17,7 +17,7 @@ class PrefectProgressCallback(Callback):
     and a per-step call would cost more than the steps of a small model.
     """
 
-    def __init__(self, logger: logging.Logger | logging.LoggerAdapter, key: str, min_interval_s: float = 2.0) -> None:
+    def __init__(self, logger: logging.Logger | logging.LoggerAdapter, key: str, min_interval_s: float = 5.0) -> None:
         self.logger, self.key, self.min_interval_s = logger, key, min_interval_s
         self.artifact_id = None
         self._last_update = 0.0
