@@ -32,6 +32,7 @@ def open_tracking_run(
     experiment_id = ensure_experiment(client, experiment, settings.artifact_root)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     log_params(client, run.info.run_id, params)
+    client.log_dict(run.info.run_id, params, "config.json")  # the exact, typed config, not just strings
     url = f"{settings.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run.info.run_id}" if settings.ui_url else None
     get_run_logger().info("MLflow run %s in experiment %r%s", run.info.run_id, experiment, f": {url}" if url else "")
     return TrackingRun(run_id=run.info.run_id, experiment_id=experiment_id, experiment=experiment, run_url=url)

@@ -7,7 +7,8 @@ import time
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from training.callbacks import Callback, EpochInfo, LoopControl, RunInfo, StepInfo
+from training.callbacks import Callback, LoopControl, RunInfo, StepInfo
+from training.results import EpochRecord
 
 
 class PrefectProgressCallback(Callback):
@@ -43,7 +44,7 @@ class PrefectProgressCallback(Callback):
     def on_step_end(self, step: StepInfo, control: LoopControl) -> None:
         self._update(step.step)
 
-    def on_epoch_end(self, epoch: EpochInfo, control: LoopControl) -> None:
+    def on_epoch_end(self, epoch: EpochRecord, control: LoopControl) -> None:
         metrics = " ".join(f"{key}={value:.4f}" for key, value in sorted(epoch.metrics.items()))
         self.logger.info(
             "epoch %d (step %d/%d): train_loss=%.4f %s %.1fs %.0f samples/s",

@@ -17,7 +17,8 @@ from mlflow.entities import Metric, Param
 
 import training
 from oppen.settings import OppenSettings
-from training.callbacks import Callback, EpochInfo, LoopControl, StepInfo
+from training.callbacks import Callback, LoopControl, StepInfo
+from training.results import EpochRecord
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
 
@@ -78,7 +79,7 @@ class MlflowMetricsCallback(Callback):
             log_metrics(self.client, self.run_id, {"train_loss_step": self._loss_sum / self._loss_count}, step.step)
             self._loss_sum, self._loss_count = 0.0, 0
 
-    def on_epoch_end(self, epoch: EpochInfo, control: LoopControl) -> None:
+    def on_epoch_end(self, epoch: EpochRecord, control: LoopControl) -> None:
         metrics = {
             "epoch": epoch.epoch,
             "train_loss": epoch.train_loss,

@@ -13,8 +13,6 @@ from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.stack import PrefectStack
-
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 SMALL_RUN = {"epochs": 1, "batch_size": 128, "learning_rate": 5e-3, "max_steps": 40, "log_every_steps": 10}
@@ -65,6 +63,8 @@ def test_mnist_deployment_trains_logs_and_registers(stack):
     assert run.data.params["config.model"] == "default"
     assert run.data.params["run.max_steps"] == "40"
     assert run.data.params["run.checkpoint_dir"].endswith(flow_run_id)
+    config = client.download_artifacts(run.info.run_id, "config.json")
+    assert json.loads(open(config).read())["run"]["max_steps"] == 40
     for metric in ("train_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "test_accuracy"):
         assert metric in run.data.metrics, metric
     assert run.data.metrics["test_accuracy"] > 0.5

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from training.results import TrainResult
+    from training.results import EpochRecord, TrainResult
 
 
 @dataclass(frozen=True)
@@ -41,18 +41,6 @@ class StepInfo:
     step_seconds: float | None = None
 
 
-@dataclass(frozen=True)
-class EpochInfo:
-    """One finished epoch with its validation metrics."""
-
-    epoch: int
-    step: int
-    train_loss: float
-    metrics: dict[str, float]
-    epoch_seconds: float
-    samples_per_second: float
-
-
 @dataclass
 class LoopControl:
     """Lets a callback ask the loop to stop cleanly; the loop checkpoints and returns."""
@@ -80,7 +68,7 @@ class Callback:
 
     def on_step_end(self, step: StepInfo, control: LoopControl) -> None: ...
 
-    def on_epoch_end(self, epoch: EpochInfo, control: LoopControl) -> None: ...
+    def on_epoch_end(self, epoch: EpochRecord, control: LoopControl) -> None: ...
 
     def on_checkpoint(self, path: str, step: int, control: LoopControl) -> None: ...
 
@@ -105,7 +93,7 @@ class CallbackList(Callback):
         for cb in self.callbacks:
             cb.on_step_end(step, control)
 
-    def on_epoch_end(self, epoch: EpochInfo, control: LoopControl) -> None:
+    def on_epoch_end(self, epoch: EpochRecord, control: LoopControl) -> None:
         for cb in self.callbacks:
             cb.on_epoch_end(epoch, control)
 

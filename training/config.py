@@ -6,9 +6,20 @@ Model-architecture settings live in each workload's own config; this holds how a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+
+def _existing_directory(value: Path | None) -> Path | None:
+    # Checked when the config is built, so a typo fails before any compute is reserved.
+    if value is not None and not Path(value).is_dir():
+        raise ValueError(f"data directory {value} does not exist")
+    return value
+
+
+#: An optional data directory that must exist when given.
+DataDir = Annotated[Path | None, AfterValidator(_existing_directory)]
 
 
 class FrozenConfig(BaseModel):

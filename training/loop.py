@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from training.callbacks import Callback, CallbackList, EpochInfo, LoopControl, RunInfo, StepInfo
+from training.callbacks import Callback, CallbackList, LoopControl, RunInfo, StepInfo
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import RunConfig
 from training.results import EpochRecord, TrainResult
@@ -189,7 +189,7 @@ def train(workload: Workload, run: RunConfig, callbacks: list[Callback] | None =
             )
             progress.history.append(record)
             last_checkpoint = save("epoch")
-            hooks.on_epoch_end(EpochInfo(**record.model_dump()), control)
+            hooks.on_epoch_end(record, control)
 
     if control.should_stop:
         last_checkpoint = save(f"stopped: {control.stop_reason}")

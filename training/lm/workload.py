@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
-from training.config import FrozenConfig
+from training.config import DataDir, FrozenConfig
 from training.lm.data import LmTexts, load_wikitext
 from training.lm.tokenizer import encode_corpus, hub_tokenizer, train_bpe
 from training.results import EvalResult
@@ -27,7 +26,7 @@ class LmConfig(FrozenConfig):
     model: Literal["distilgpt2", "scratch"] | None = Field(
         None, description="None: 'scratch' when the text is local (offline), 'distilgpt2' when downloaded."
     )
-    data_dir: Path | None = Field(None, description="Directory with wiki.*.tokens; None: $OPPEN_WIKITEXT_DIR, else download.")
+    data_dir: DataDir = Field(None, description="Directory with wiki.*.tokens; None: $OPPEN_WIKITEXT_DIR, else download.")
     block_size: PositiveInt = Field(128, description="Tokens per training sequence.")
     vocab_size: PositiveInt = Field(4096, ge=260, description="BPE vocabulary trained offline (>= 256 bytes + specials).")
     n_layer: PositiveInt = Field(2, description="Small enough to train on a CPU in minutes.")
@@ -37,12 +36,6 @@ class LmConfig(FrozenConfig):
     max_train_tokens: PositiveInt | None = Field(None, description="Truncate the training text (tests, quick runs).")
     max_eval_tokens: PositiveInt | None = Field(65_536, description="Perplexity on this many eval tokens; None: all.")
 
-    @field_validator("data_dir")
-    @classmethod
-    def _data_dir_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not Path(value).is_dir():
-            raise ValueError(f"WikiText data directory {value} does not exist")
-        return value
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> LmConfig:

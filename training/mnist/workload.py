@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt
 from torch import nn
 
-from training.config import FrozenConfig, RunConfig
+from training.config import DataDir, FrozenConfig, RunConfig
 from training.mnist.data import MnistSplits, load_mnist, split
 from training.mnist.models import MnistModelName, build_mnist_model
 from training.results import EvalResult
@@ -25,18 +24,11 @@ class MnistConfig(FrozenConfig):
     """The MNIST workload: which network, and where the data is."""
 
     model: MnistModelName = Field("default", description="'default' (fast CNN) or 'reference' (the seed's CNN).")
-    data_dir: Path | None = Field(
+    data_dir: DataDir = Field(
         None, description="Directory with the four IDX .gz files; None: $OPPEN_MNIST_DIR, else download."
     )
     val_size: PositiveInt = Field(5000, description="Training images held out for validation.")
 
-    @field_validator("data_dir")
-    @classmethod
-    def _data_dir_exists(cls, value: Path | None) -> Path | None:
-        # Checked here so a typo fails before any compute is reserved, not minutes into a run.
-        if value is not None and not Path(value).is_dir():
-            raise ValueError(f"MNIST data directory {value} does not exist")
-        return value
 
 
 class MnistWorkload(Workload):
