@@ -30,6 +30,15 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 PREFERRED_PORTS = {"prefect": 4200, "mlflow": 5000}
 # Poll often: the default 10 s query interval is most of a short run's dispatch latency.
 WORKER_QUERY_SECONDS = "2"
+# The servers share the machine with training: at normal priority their background services
+# took ~10% of a 2-core training run's time (bench/overhead.py); niced, they yield to it.
+# The worker is not niced: the flow-run processes it starts would inherit its priority.
+SERVICE_NICENESS = 10
+
+
+def lower_priority() -> None:
+    """preexec_fn for co-located services: run at lower CPU priority than training."""
+    os.nice(SERVICE_NICENESS)
 
 
 def _bin(name: str) -> str:
@@ -102,12 +111,12 @@ class LocalStack:
         )
         return env
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], niced: bool = False) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")
         # A session of its own: it outlives this command, and `down` can stop it with its children.
         process = subprocess.Popen(argv, env=env, cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=lower_priority if niced else None)
         state = self.state()
         state.setdefault("pids", {})[name] = process.pid
         self._save(state)
@@ -126,7 +135,7 @@ class LocalStack:
         if not self._alive("prefect"):
             print(f"starting Prefect server on 127.0.0.1:{ports['prefect']} (SQLite under {self.home / 'prefect'})")
             proc = self._spawn("prefect", [_bin("prefect"), "server", "start", "--host", "127.0.0.1",
-                                           "--port", str(ports["prefect"])], env)
+                                           "--port", str(ports["prefect"])], env, niced=True)
             wait_http(f"http://127.0.0.1:{ports['prefect']}/api/health", 120, proc, self.logs / "prefect.log")
         if not self._alive("mlflow"):
             print(f"starting MLflow on 127.0.0.1:{ports['mlflow']} (SQLite + {self.home / 'mlartifacts'})")
@@ -134,7 +143,7 @@ class LocalStack:
                 _bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(ports["mlflow"]),
                 "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
                 "--artifacts-destination", str(self.home / "mlartifacts"), "--workers", "1",
-            ], env)
+            ], env, niced=True)
             wait_http(f"http://127.0.0.1:{ports['mlflow']}/health", 120, proc, self.logs / "mlflow.log")
         subprocess.run([sys.executable, "-m", "work_pools.apply"], env=env, cwd=PROJECT_DIR, check=True)
         subprocess.run([_bin("prefect"), "--no-prompt", "deploy", "--all"], env=env, cwd=PROJECT_DIR, check=True,
