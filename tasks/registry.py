@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from oppen.promotion import VersionScore
 from oppen.settings import OppenSettings
+from tasks.tracking import client_for, use_process_uris
 
 # Each version carries the score it was registered with, so promotion can compare versions.
 METRIC_TAG, VALUE_TAG, DIRECTION_TAG = "oppen.metric", "oppen.metric_value", "oppen.higher_is_better"
@@ -27,21 +28,15 @@ class RegisteredVersion(BaseModel):
 def register_version(
     settings: OppenSettings, name: str, model_uri: str, metric: str, value: float, higher_is_better: bool, alias: str
 ) -> RegisteredVersion:
-    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
-    try:
-        client.create_registered_model(name)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    # register_model resolves a logged model's URI (models:/m-...) to its source and model id.
-    mlflow.set_registry_uri(settings.tracking_uri)
-    mlflow.set_tracking_uri(settings.tracking_uri)
+    # register_model creates the registered model when missing and resolves a logged model's
+    # URI (models:/m-...) to its source and model id.
+    use_process_uris(settings)
     version = mlflow.register_model(
         model_uri,
         name,
         tags={METRIC_TAG: metric, VALUE_TAG: repr(value), DIRECTION_TAG: str(higher_is_better).lower()},
     )
-    client.set_registered_model_alias(name, alias, version.version)
+    client_for(settings).set_registered_model_alias(name, alias, version.version)
     return RegisteredVersion(name=name, version=int(version.version), alias=alias, metric=metric, value=value)
 
 

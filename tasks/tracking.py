@@ -23,6 +23,12 @@ from training.results import EpochRecord
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
 
 
+def use_process_uris(settings: OppenSettings) -> None:
+    """Flavor logging and register_model read the process-wide URIs; set them at call time, never at import."""
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+
+
 def client_for(settings: OppenSettings) -> MlflowClient:
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
@@ -109,9 +115,7 @@ def log_torch_model(
     """
     import mlflow.pytorch
 
-    # The flavor resolves the tracking server from the process-wide URI; set it at call time.
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
+    use_process_uris(settings)
     client = client_for(settings)
     # Created here, in the run's own experiment: left to itself the flavor would file the model
     # under the fluent "active experiment" (Default) with artifacts in the worker's cwd.
