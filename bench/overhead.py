@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import table  # noqa: E402
-from oppen.local_stack import free_port, lower_priority, wait_http  # noqa: E402
+from oppen.local_stack import free_port, lower_priority, prefect_server_argv, wait_prefect_healthy  # noqa: E402
 
 
 def bare(run) -> tuple[float, float]:
@@ -54,12 +54,11 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="oppen-overhead-"))
     port = free_port()
     env = os.environ | {"PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=open(root / "server.log", "wb"),
+    server = subprocess.Popen(prefect_server_argv(port), env=env, stdout=open(root / "server.log", "wb"),
                               stderr=subprocess.STDOUT, start_new_session=True,
                               preexec_fn=lower_priority)  # as the embedded stack starts it
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", 120, server, root / "server.log")
+        wait_prefect_healthy(port, server, root / "server.log")
         os.environ.update(PREFECT_API_URL=f"http://127.0.0.1:{port}/api", OPPEN_HOME=str(root / "oppen"),
                           OPPEN_MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
         from flows.train_mnist import MNIST_RUN

@@ -45,6 +45,16 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def prefect_server_argv(port: int) -> list[str]:
+    """`prefect server start` on a loopback port, as every local server here is started."""
+    return [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def wait_prefect_healthy(port: int, process: subprocess.Popen, log: Path) -> None:
+    # Fresh SQLite databases run their migrations first: ~13 s measured, so allow plenty.
+    wait_http(f"http://127.0.0.1:{port}/api/health", 120, process, log)
+
+
 def free_port(preferred: int | None = None) -> int:
     for candidate in ([preferred] if preferred else []) + [0]:
         with socket.socket() as sock:
@@ -134,9 +144,8 @@ class LocalStack:
         (self.home / "prefect").mkdir(parents=True, exist_ok=True)
         if not self._alive("prefect"):
             print(f"starting Prefect server on 127.0.0.1:{ports['prefect']} (SQLite under {self.home / 'prefect'})")
-            proc = self._spawn("prefect", [_bin("prefect"), "server", "start", "--host", "127.0.0.1",
-                                           "--port", str(ports["prefect"])], env, niced=True)
-            wait_http(f"http://127.0.0.1:{ports['prefect']}/api/health", 120, proc, self.logs / "prefect.log")
+            proc = self._spawn("prefect", prefect_server_argv(ports["prefect"]), env, niced=True)
+            wait_prefect_healthy(ports["prefect"], proc, self.logs / "prefect.log")
         if not self._alive("mlflow"):
             print(f"starting MLflow on 127.0.0.1:{ports['mlflow']} (SQLite + {self.home / 'mlartifacts'})")
             proc = self._spawn("mlflow", [

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from oppen.local_stack import PROJECT_DIR, free_port, wait_http
+from oppen.local_stack import PROJECT_DIR, free_port, prefect_server_argv, wait_prefect_healthy
 
 BIN = Path(sys.executable).parent
 
@@ -41,9 +41,8 @@ class PrefectStack:
 
     def start_server(self) -> None:
         (self.root / "prefect").mkdir(parents=True, exist_ok=True)
-        server = self.spawn("server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                       "--port", str(self.port)])
-        wait_http(f"{self.api_url}/health", 120, server, self.root / "server.log")
+        server = self.spawn("server", prefect_server_argv(self.port))
+        wait_prefect_healthy(self.port, server, self.root / "server.log")
 
     def run(self, *argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(list(argv), env=self.env, cwd=PROJECT_DIR, capture_output=True, text=True,
