@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from prefect import flow
+from prefect.states import State
 from pydantic import Field
 
 from flows.pipeline import training_pipeline
+from oppen.cost.policy import CostPolicy
 from tasks.summary import TrainingSummary
 from tasks.training_tasks import load_wikitext
 from training.config import RunConfig
@@ -24,7 +26,8 @@ def train_lm(
     experiment: Annotated[str, Field(min_length=1)] = "wikitext-lm",
     model_name: Annotated[str, Field(min_length=1)] = "wikitext-lm",
     max_perplexity: Annotated[float, Field(gt=1.0)] = 2000.0,
-) -> TrainingSummary:
+    cost: CostPolicy = CostPolicy(),
+) -> TrainingSummary | State:
     """Train or fine-tune a causal LM, log it to MLflow and register it when its perplexity is low enough."""
     return training_pipeline(
         workload_name="lm",
@@ -34,4 +37,5 @@ def train_lm(
         experiment=experiment,
         model_name=model_name,
         threshold=max_perplexity,
+        cost=cost,
     )

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from prefect import flow
+from prefect.states import State
 from pydantic import Field
 
 from flows.pipeline import training_pipeline
+from oppen.cost.policy import CostPolicy
 from tasks.summary import TrainingSummary
 from tasks.training_tasks import load_mnist
 from training.config import RunConfig
@@ -25,7 +27,8 @@ def train_mnist(
     experiment: Annotated[str, Field(min_length=1)] = "mnist",
     model_name: Annotated[str, Field(min_length=1)] = "mnist-cnn",
     min_test_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] = 0.98,
-) -> TrainingSummary:
+    cost: CostPolicy = CostPolicy(),
+) -> TrainingSummary | State:
     """Train an MNIST CNN, log it to MLflow and register it as `development` when accurate enough."""
     return training_pipeline(
         workload_name="mnist",
@@ -35,4 +38,5 @@ def train_mnist(
         experiment=experiment,
         model_name=model_name,
         threshold=min_test_accuracy,
+        cost=cost,
     )

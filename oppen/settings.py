@@ -24,6 +24,11 @@ class OppenSettings(BaseSettings):
     )
     checkpoint_root: Path | None = Field(None, description="Where runs checkpoint; None: home/checkpoints.")
     mlflow_ui_url: str | None = Field(None, description="Shown in summaries; None: derived from an http tracking URI.")
+    ledger_url: str | None = Field(
+        None, description="SQLAlchemy URL of the budget ledger (postgresql+psycopg://... in production); None: SQLite under home."
+    )
+    budgets_file: Path | None = Field(None, description="Teams and budgets applied to an empty ledger; None: the shipped file.")
+    price_book: Path | None = Field(None, description="Price book YAML; None: $OPPEN_PRICE_BOOK, else the shipped one.")
 
     @cached_property
     def tracking_uri(self) -> str:
@@ -47,6 +52,16 @@ class OppenSettings(BaseSettings):
         if self.mlflow_ui_url:
             return self.mlflow_ui_url
         return self.tracking_uri if self.tracking_uri.startswith("http") else None
+
+    @cached_property
+    def ledger(self) -> str:
+        if self.ledger_url:
+            return self.ledger_url
+        self.home.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its directory
+        return f"sqlite:///{(self.home / 'ledger.db').resolve()}"
+
+    def reports_dir(self) -> Path:
+        return (self.home / "reports").resolve()
 
     def checkpoint_dir_for(self, *parts: str) -> Path:
         return Path(self.checkpoint_root or self.home / "checkpoints").joinpath(*parts).resolve()

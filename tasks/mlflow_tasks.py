@@ -39,9 +39,9 @@ def open_tracking_run(
 
 
 @task(retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
-def close_tracking_run(settings: OppenSettings, tracking: TrackingRun, failed: bool) -> None:
-    """FINISHED or FAILED; metrics logged so far stay with the run either way."""
-    finish_run(client_for(settings), tracking.run_id, failed)
+def close_tracking_run(settings: OppenSettings, tracking: TrackingRun, failed: bool, status: str | None = None) -> None:
+    """FINISHED or FAILED (KILLED for a run its budget refused); metrics logged so far stay with the run."""
+    finish_run(client_for(settings), tracking.run_id, failed, status)
 
 
 @task(cache_policy=NONE)

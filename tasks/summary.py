@@ -7,6 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict
 
+from oppen.cost.settlement import RunCost
 from tasks.registry import RegisteredVersion
 from training.results import EvalResult, TrainResult
 
@@ -24,6 +25,7 @@ class TrainingSummary(BaseModel):
     evaluation: EvalResult
     registered: RegisteredVersion | None
     duration_seconds: float
+    cost: RunCost | None = None
 
 
 def render_markdown(summary: TrainingSummary) -> str:
@@ -49,6 +51,10 @@ def render_markdown(summary: TrainingSummary) -> str:
         f"| MLflow run | {run_link} (experiment `{summary.experiment}`) |",
         f"| model | `{summary.model_uri}` |",
         f"| registry | {registered} |",
+        *(
+            [f"| cost | ${summary.cost.cost_usd:.6f} ({summary.cost.status}; quote ${summary.cost.quote_expected_usd or 0:.6f}) |"]
+            if summary.cost else []
+        ),
         "",
         "## Epochs",
         "",

@@ -136,5 +136,5 @@ def log_torch_model(
     return info.model_uri
 
 
-def finish_run(client: MlflowClient, run_id: str, failed: bool) -> None:
-    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+def finish_run(client: MlflowClient, run_id: str, failed: bool, status: str | None = None) -> None:
+    client.set_terminated(run_id, status=status or ("FAILED" if failed else "FINISHED"))

@@ -11,6 +11,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from oppen.cost.spot import SimulatedInterruption, SpotSimulator
 from oppen.settings import OppenSettings
 from tasks.progress import PrefectProgressCallback
 from tasks.tracking import MlflowMetricsCallback, client_for, log_metrics, log_torch_model
@@ -22,6 +23,8 @@ from training.mnist.workload import MnistConfig, MnistWorkload
 from training.results import EvalResult
 from training.runtime import select_device
 from training.workload import Workload
+
+MAX_SPOT_ATTEMPTS = 50  # a rate so high that 50 reclaims happen is a misconfiguration, not bad luck
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10])
@@ -50,16 +53,31 @@ def load_wikitext(config: LmConfig) -> LmWorkload:
 @task(cache_policy=NONE)
 def train_model(
     workload: Workload, run: RunConfig, settings: OppenSettings, mlflow_run_id: str,
-    extra_callbacks: list[Callback] | None = None,
+    extra_callbacks: list[Callback] | None = None, spot: SpotSimulator | None = None,
 ) -> Trained:
-    """The training loop, with MLflow metrics, Prefect progress and any extra callbacks (cost meter) attached."""
+    """The training loop, with MLflow metrics, Prefect progress and any extra callbacks (cost meter) attached.
+
+    With a spot simulator, a simulated reclaim throws away the work since the last checkpoint and the
+    loop restarts from that checkpoint, as a rescheduled pod would; the meter keeps billing throughout.
+    """
     logger = get_run_logger()
     callbacks: list[Callback] = [
         MlflowMetricsCallback(client_for(settings), mlflow_run_id, run.log_every_steps),
         PrefectProgressCallback(logger, key=f"{workload.name}-training-progress"),
         *(extra_callbacks or []),
     ]
-    trained = train(workload, run, callbacks)
+    if spot is not None:
+        if not run.checkpoint_dir:
+            raise ValueError("spot runs need a checkpoint_dir to resume from")
+        callbacks.append(spot)
+    for attempt in range(1, MAX_SPOT_ATTEMPTS + 1):
+        try:
+            trained = train(workload, run, callbacks)
+            break
+        except SimulatedInterruption as reclaim:
+            logger.warning("attempt %d: %s", attempt, reclaim)
+    else:
+        raise RuntimeError(f"gave up after {MAX_SPOT_ATTEMPTS} spot interruptions")
     result = trained.result
     logger.info(
         "trained %d/%d steps in %.1fs (%.0f samples/s)%s",

@@ -46,6 +46,10 @@ class Workload(abc.ABC):
     def evaluate(self, model: nn.Module, split: str, device: torch.device) -> dict[str, float]:
         """Metrics on a held-out split ("val" or "test"); must contain `primary_metric`."""
 
+    def metric_baseline(self) -> float | None:
+        """The primary metric of an untrained model, for lower-is-better metrics (cost per point gained)."""
+        return None
+
     def steps_per_epoch(self, batch_size: int) -> int:
         # The last partial batch is dropped: equal-sized steps keep per-step cost and timing honest.
         return max(1, self.num_train_samples() // batch_size)

@@ -8,10 +8,20 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    field_validator,
+    model_validator,
+)
 
 ENV_VAR = "OPPEN_PRICE_BOOK"
 DEFAULT_FILE = Path(__file__).with_name("price_book.yaml")
+MAX_GPUS_PER_RUN = 16  # the largest single nodes (e.g. 16x A100 40GB) carry 16
 
 
 class _Strict(BaseModel):
@@ -66,10 +76,17 @@ class PriceBook(_Strict):
 class Resources(_Strict):
     """What a run holds while it runs."""
 
-    gpus: NonNegativeInt = 0
+    # Upper bounds catch typos before money is spent: no single node offers more than these.
+    gpus: NonNegativeInt = Field(0, le=MAX_GPUS_PER_RUN)
     gpu_type: str | None = None
-    cpu_cores: PositiveFloat = 1.0
-    memory_gib: NonNegativeFloat = 0.0
+    cpu_cores: PositiveFloat = Field(1.0, le=512)
+    memory_gib: NonNegativeFloat = Field(0.0, le=4096)
+
+    @model_validator(mode="after")
+    def _type_needs_gpus(self) -> Resources:
+        if self.gpu_type and not self.gpus:
+            raise ValueError(f"gpu_type {self.gpu_type!r} is set but gpus is 0")
+        return self
 
 
 def load_price_book(path: Path | None = None) -> PriceBook:

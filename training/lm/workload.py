@@ -77,6 +77,10 @@ class LmWorkload(Workload):
         fields = self.config.model_dump(mode="json", exclude={"data_dir"})
         return fields | {"model": self.model_kind, "train_split": self.texts.train_split, "eval_split": self.texts.eval_split}
 
+    def metric_baseline(self) -> float | None:
+        # An untrained model guesses uniformly over the vocabulary: perplexity = vocabulary size.
+        return float(self.vocab_size)
+
     def build_model(self) -> nn.Module:
         from transformers import GPT2Config, GPT2LMHeadModel
 

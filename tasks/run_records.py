@@ -1,0 +1,84 @@
+"""Read runs back from MLflow as the recommender's RunRecords (the MLflow side of oppen.cost.recommend)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from oppen.cost.price_book import Resources
+from oppen.cost.recommend import RunRecord
+
+VAL_METRICS = {"mnist": ("val_accuracy", True), "lm": ("val_perplexity", False)}
+TEST_METRICS = {"mnist": ("test_accuracy", True), "lm": ("eval_perplexity", False)}
+
+
+def _param(params: dict[str, str], key: str, cast, default):
+    """MLflow stores params as strings; an unset optional field was logged as "None"."""
+    value = params.get(key)
+    return default if value in (None, "", "None") else cast(value)
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return [m.value for m in points]
+
+
+def record_of(client: MlflowClient, run: Run) -> RunRecord | None:
+    """None for runs that never settled a cost (refused, or from before the cost engine)."""
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    if "cost_usd" not in metrics:
+        return None
+    workload = tags.get("oppen.workload", "")
+    resources = Resources(
+        gpus=_param(params, "cost.resources.gpus", int, 0),
+        gpu_type=_param(params, "cost.resources.gpu_type", str, None),
+        cpu_cores=_param(params, "cost.resources.cpu_cores", float, 1.0),
+        memory_gib=_param(params, "cost.resources.memory_gib", float, 0.0),
+    )
+    val_key, higher = VAL_METRICS.get(workload, (None, True))
+    test_key, _ = TEST_METRICS.get(workload, (None, True))
+    epochs_costs = _history(client, run.info.run_id, "cost_epoch_usd")
+    val = _history(client, run.info.run_id, val_key) if val_key else []
+    checkpoint_every = _param(params, "run.checkpoint_every_steps", int, 0)
+    speed = metrics.get("cost_seconds_per_sample")
+    batch = _param(params, "run.batch_size", int, 1)
+    return RunRecord(
+        run_id=run.info.run_id,
+        workload=workload,
+        started_at=datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc),
+        batch_size=batch,
+        learning_rate=_param(params, "run.learning_rate", float, 0.0),
+        epochs=_param(params, "run.epochs", int, 0),
+        resources=resources,
+        spot=params.get("cost.spot") == "True",
+        checkpointed=True,  # every pipeline run checkpoints at epoch ends (and every N steps when asked)
+        cost_usd=metrics["cost_usd"],
+        seconds=metrics.get("cost_peak_seconds", 0.0) + metrics.get("cost_off_peak_seconds", 0.0),
+        peak_seconds=metrics.get("cost_peak_seconds", 0.0),
+        samples_per_second=(1.0 / speed) if speed else None,
+        metric_name=test_key,
+        metric_value=metrics.get(test_key) if test_key else None,
+        higher_is_better=higher,
+        val_history=val,
+        epoch_costs=epochs_costs if len(epochs_costs) == len(val) else [],
+        cpu_cores_mean=metrics.get("util_cpu_cores_mean"),
+        cpu_cores_peak=metrics.get("util_cpu_cores_peak"),
+        memory_peak_gib=metrics.get("util_memory_peak_gib"),
+        gpu_util_mean=metrics.get("util_gpu_mean"),
+        checkpoint_interval_seconds=(checkpoint_every * batch * speed) if checkpoint_every and speed else None,
+    )
+
+
+def history_of(client: MlflowClient, run: Run, limit: int = 50) -> list[RunRecord]:
+    """Settled runs of the same workload in any experiment, newest first."""
+    workload = run.data.tags.get("oppen.workload", "")
+    found = client.search_runs(
+        experiment_ids=[e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`oppen.workload` = '{workload}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=limit,
+    )
+    records = (record_of(client, other) for other in found if other.info.run_id != run.info.run_id)
+    return [record for record in records if record is not None]

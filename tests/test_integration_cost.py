@@ -1,0 +1,148 @@
+"""The cost engine through a real Prefect server and process worker: refuse, cap, settle, report, recommend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from uuid import UUID
+
+import pytest
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from oppen.cost.budgets import open_ledger
+from tests.test_integration_local_pool import _deployment_run, _read_flow_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+# One epoch (214 steps) and part of a second: a forecast after epoch 1, two epoch ends, room for a mid-run cap.
+COST_RUN = {"epochs": 2, "batch_size": 256, "learning_rate": 8e-3, "max_steps": 300, "log_every_steps": 50}
+
+
+@pytest.fixture(scope="module")
+def settled(stack):
+    """One normal metered run, shared by the checks below (the capped run is priced from it)."""
+    result, flow_run_id = _deployment_run(stack, f"run={json.dumps(COST_RUN)}", "min_test_accuracy=0.5",
+                                          'cost={"team": "default"}')
+    assert "Completed" in result.stdout
+    return flow_run_id, _mlflow_run(stack, flow_run_id)
+
+
+def _ledger(stack):
+    return open_ledger(f"sqlite:///{stack.root / 'oppen' / 'ledger.db'}")
+
+
+def _mlflow_run(stack, flow_run_id: str):
+    client = MlflowClient(tracking_uri=stack.tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+def _artifacts(stack, flow_run_id: str):
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)])))
+
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        return asyncio.run(read())
+
+
+def test_settled_run_agrees_in_ledger_mlflow_and_artifact(stack, settled):
+    flow_run_id, run = settled
+    ledger = _ledger(stack)
+    [row] = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
+    ledger.dispose()
+    metrics = run.data.metrics
+    assert row["status"] == "settled" and row["reserved_usd"] == 0.0 and row["mlflow_run_id"] == run.info.run_id
+    assert row["actual_usd"] == pytest.approx(metrics["cost_usd"], abs=1e-12)
+    report = next(a for a in _artifacts(stack, flow_run_id) if a.key and a.key.endswith("-cost-report"))
+    assert f"**${metrics['cost_usd']:,.6f}**" in report.data
+    table = next(a for a in _artifacts(stack, flow_run_id) if a.key and a.key.endswith("-cost-table"))
+    rows = {item["item"]: item["value"] for item in json.loads(table.data)}
+    assert round(rows["cost_usd"], 2) == round(row["actual_usd"], 2) == round(metrics["cost_usd"], 2)
+    assert rows["cost_usd"] == pytest.approx(row["actual_usd"], abs=1e-8)
+    # The engine's other outputs are there: quote, per-epoch cost and forecast, hours, utilisation, speed.
+    for key in ("quote_expected_usd", "quote_p90_usd", "cost_forecast_error", "cpu_hours", "gpu_hours",
+                "cost_per_point_usd", "util_cpu_cores_mean", "cost_seconds_per_sample", "cost_tail_s"):
+        assert key in metrics, key
+    client = MlflowClient(tracking_uri=stack.tracking_uri)
+    assert len(client.get_metric_history(run.info.run_id, "cost_epoch_usd")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "cost_forecast_usd")) >= 3  # steps in epoch 1 + epochs
+    assert abs(metrics["cost_forecast_error"]) < 0.5  # sanity only: accuracy is measured in bench/
+
+
+def test_run_over_budget_is_refused_before_training(stack):
+    ledger = _ledger(stack)
+    ledger.upsert_team("tiny")
+    ledger.set_budget("tiny", 0.000001, "monthly")
+    ledger.dispose()
+    result, flow_run_id = _deployment_run(stack, f"run={json.dumps(COST_RUN)}", 'cost={"team": "tiny"}', check=False)
+    flow_run = _read_flow_run(stack, flow_run_id)
+    assert flow_run.state.is_failed() and flow_run.state.name == "OverBudget"
+    assert "over budget: team tiny" in flow_run.state.message
+    run = _mlflow_run(stack, flow_run_id)
+    assert run.info.status == "KILLED"
+    trained = {"train_loss", "train_loss_step", "val_accuracy", "test_accuracy", "cost_usd", "cost_epoch_usd"}
+    assert not trained & set(run.data.metrics)
+    ledger = _ledger(stack)
+    [row] = [r for r in ledger.rows(team="tiny") if r["run_key"] == flow_run_id]
+    ledger.dispose()
+    assert row["status"] == "refused" and row["reserved_usd"] == 0.0
+
+
+def test_unknown_team_fails_before_anything_is_spent(stack):
+    result, flow_run_id = _deployment_run(stack, 'cost={"team": "no-such-team"}', check=False)
+    flow_run = _read_flow_run(stack, flow_run_id)
+    assert flow_run.state.is_failed() and "unknown team 'no-such-team'" in flow_run.state.message
+    client = MlflowClient(tracking_uri=stack.tracking_uri)
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert found == []  # refused before even the MLflow run was opened
+
+
+def test_capped_run_stops_mid_run_with_a_checkpoint_within_one_step_of_its_cap(stack, settled):
+    _, normal = settled
+    cap = 0.5 * normal.data.metrics["cost_usd"]
+    result, flow_run_id = _deployment_run(stack, f"run={json.dumps(COST_RUN)}", "min_test_accuracy=0.0",
+                                          f'cost={{"max_cost_usd": {cap!r}}}')
+    assert "Completed" in result.stdout
+    metrics = _mlflow_run(stack, flow_run_id).data.metrics
+    step = metrics["cost_max_step_usd"]
+    assert metrics["cost_cap_usd"] == pytest.approx(cap)
+    # The guarantee: training stops before the step that would leave too little for the tail.
+    assert metrics["cost_at_training_end_usd"] + metrics["cost_tail_reserve_usd"] <= cap + step
+    # And the settled total lands at the cap (the tail's real length varies by a fraction of a second).
+    assert metrics["cost_usd"] == pytest.approx(cap, rel=0.15)
+    log = stack.log("worker")
+    assert "budget cap" in log
+    ledger = _ledger(stack)
+    [row] = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
+    ledger.dispose()
+    assert row["status"] == "stopped" and row["actual_usd"] == pytest.approx(metrics["cost_usd"], abs=1e-12)
+    checkpoint = stack.root / "oppen" / "checkpoints" / "mnist" / flow_run_id / "last.pt"
+    assert checkpoint.exists()
+    import torch
+
+    saved = torch.load(checkpoint, weights_only=False)
+    assert 0 < saved["step"] < 300 and saved["reason"].startswith("stopped: budget cap")
+
+
+def test_cost_report_and_recommendations_flows(stack, settled):
+    flow_run_id, run = settled
+    report = stack.prefect("deployment", "run", "cost-report/local", "--watch", "--watch-timeout", "120",
+                           "--param", 'request={"team": "default"}', check=False)
+    assert "Completed" in report.stdout, report.stdout[-2000:] + stack.log("worker")
+    csvs = list((stack.root / "oppen" / "reports").glob("cost-default-*.csv"))
+    assert csvs and run.info.run_id in csvs[0].read_text()
+    savings = stack.prefect("deployment", "run", "recommend-savings/local", "--watch", "--watch-timeout", "120",
+                            "--param", f"run_id={run.info.run_id}", check=False)
+    assert "Completed" in savings.stdout, savings.stdout[-2000:]
+    run_uuid = re.search(r"UUID:\s*([0-9a-f-]{36})", savings.stdout).group(1)
+    [artifact] = [a for a in _artifacts(stack, run_uuid) if a.key == "savings"]
+    assert "| off_peak |" in artifact.data or "| spot |" in artifact.data
