@@ -171,3 +171,18 @@ def test_apply_is_idempotent_and_open_ledger_seeds_the_shipped_file(tmp_path):
 def test_malformed_budgets_file_is_rejected(teams, message):
     with pytest.raises(ValueError, match=message):
         BudgetsFile.model_validate({"teams": teams})
+
+
+def test_cli_applies_lists_and_rejects_a_bad_file(tmp_path, monkeypatch, capsys):
+    from oppen.cli import main
+
+    monkeypatch.setenv("OPPEN_HOME", str(tmp_path))
+    assert main(["budgets", "apply"]) == 0
+    assert main(["budgets", "apply"]) == 0
+    assert capsys.readouterr().out.strip().endswith("no changes")
+    assert main(["budgets", "list"]) == 0
+    assert "default" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teams:\n  ml:\n    budget: {amount_usd: -3}\n")
+    assert main(["budgets", "apply", "--file", str(bad)]) == 2
+    assert "greater than 0" in capsys.readouterr().err
