@@ -205,7 +205,9 @@ def make_meter(
         threshold_base_usd=reservation.reserved_usd or None,
         expected_step_seconds=quote.speed.seconds_per_sample * quote.shape.batch_size,
         expected_epoch_overhead_seconds=quote.speed.epoch_overhead_seconds,
-        tail_reserve_seconds=quote.speed.tail_seconds,
+        # The tail varies by seconds from run to run (model logging, registry writes); a cap is a
+        # ceiling, so keep back 1.5x the estimate plus a second rather than the median alone.
+        tail_reserve_seconds=1.5 * quote.speed.tail_seconds + 1.0,
         on_event=reporter.event, on_forecast=reporter.forecast,
     )
     meter.started_at = meter._last_tick = started_at  # bill from the flow's start: loading counts too
