@@ -9,14 +9,14 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from oppen.cost.meter import CostMeter
 from oppen.cost.price_book import PriceBook, Resources, load_price_book
 from oppen.cost.quote import make_quote
 from oppen.cost.speed import RunShape, from_calibration
-from oppen.cost.spot import SpotSimulator
+from oppen.cost.spot import SpotSimulator, run_through_reclaims
 from training.calibrate import calibrate
 from training.config import RunConfig
 from training.loop import Trained, plan_total_steps, train
@@ -31,11 +31,11 @@ RESOURCES = Resources(cpu_cores=2)
 def shifted_clock(to_hour: float | None):
     """A UTC clock running at real speed, starting at `to_hour` today (None: the real time)."""
     if to_hour is None:
-        return lambda: datetime.now(timezone.utc)
-    now = datetime.now(timezone.utc)
+        return lambda: datetime.now(UTC)
+    now = datetime.now(UTC)
     target = now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(hours=to_hour)
     offset = target - now
-    return lambda: datetime.now(timezone.utc) + offset
+    return lambda: datetime.now(UTC) + offset
 
 
 @dataclass
@@ -70,12 +70,5 @@ def metered_run(workload, run: RunConfig, *, book: PriceBook | None = None, cap_
     with tempfile.TemporaryDirectory() as checkpoints:
         run = run.model_copy(update={"checkpoint_dir": Path(checkpoints)})
         started = time.perf_counter()
-        while True:
-            from oppen.cost.spot import SimulatedInterruption
-
-            try:
-                trained = train(workload, run, callbacks)
-                break
-            except SimulatedInterruption:
-                continue
+        trained = run_through_reclaims(lambda: train(workload, run, callbacks))
     return Metered(meter, trained, time.perf_counter() - started, spot)

@@ -200,7 +200,7 @@ def make_meter(
     Training stops early enough to leave the expected tail (test pass, model logging) inside the cap.
     """
     caps = [value for value in (policy.max_cost_usd, reservation.headroom_usd) if value is not None]
-    meter = CostMeter(
+    return CostMeter(
         book, policy.resources, spot=policy.spot, cap_usd=min(caps) if caps else None,
         threshold_base_usd=reservation.reserved_usd or None,
         expected_step_seconds=quote.speed.seconds_per_sample * quote.shape.batch_size,
@@ -208,10 +208,8 @@ def make_meter(
         # The tail varies by seconds from run to run (model logging, registry writes); a cap is a
         # ceiling, so keep back 1.5x the estimate plus a second rather than the median alone.
         tail_reserve_seconds=1.5 * quote.speed.tail_seconds + 1.0,
-        on_event=reporter.event, on_forecast=reporter.forecast,
+        on_event=reporter.event, on_forecast=reporter.forecast, started_at=started_at,
     )
-    meter.started_at = meter._last_tick = started_at  # bill from the flow's start: loading counts too
-    return meter
 
 
 @task(cache_policy=NONE, retries=3, retry_delay_seconds=[1, 3, 10])

@@ -11,7 +11,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from oppen.cost.spot import SimulatedInterruption, SpotSimulator
+from oppen.cost.spot import SpotSimulator, run_through_reclaims
 from oppen.settings import OppenSettings
 from tasks.progress import PrefectProgressCallback
 from tasks.tracking import MlflowMetricsCallback, client_for, log_metrics, log_torch_model
@@ -23,8 +23,6 @@ from training.mnist.workload import MnistConfig, MnistWorkload
 from training.results import EvalResult
 from training.runtime import select_device
 from training.workload import Workload
-
-MAX_SPOT_ATTEMPTS = 50  # a rate so high that 50 reclaims happen is a misconfiguration, not bad luck
 
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10])
@@ -70,14 +68,10 @@ def train_model(
         if not run.checkpoint_dir:
             raise ValueError("spot runs need a checkpoint_dir to resume from")
         callbacks.append(spot)
-    for attempt in range(1, MAX_SPOT_ATTEMPTS + 1):
-        try:
-            trained = train(workload, run, callbacks)
-            break
-        except SimulatedInterruption as reclaim:
-            logger.warning("attempt %d: %s", attempt, reclaim)
-    else:
-        raise RuntimeError(f"gave up after {MAX_SPOT_ATTEMPTS} spot interruptions")
+    trained = run_through_reclaims(
+        lambda: train(workload, run, callbacks),
+        on_reclaim=lambda number, reclaim: logger.warning("attempt %d: %s", number, reclaim),
+    )
     result = trained.result
     logger.info(
         "trained %d/%d steps in %.1fs (%.0f samples/s)%s",

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
 from oppen.cost.ledger import Ledger
 from oppen.cost.policy import MAX_BUDGET_USD, check_name
+from oppen.cost.price_book import load_yaml_model
 
 ENV_VAR = "OPPEN_BUDGETS_FILE"
 DEFAULT_FILE = Path(__file__).with_name("budgets.yaml")
@@ -52,12 +51,7 @@ class BudgetsFile(BaseModel):
 
 
 def load_budgets(path: Path | None = None) -> BudgetsFile:
-    source = Path(path or os.environ.get(ENV_VAR) or DEFAULT_FILE)
-    try:
-        data = yaml.safe_load(source.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"budgets file {source} cannot be read: {error}") from error
-    return BudgetsFile.model_validate(data or {})
+    return load_yaml_model(BudgetsFile, "budgets file", path, ENV_VAR, DEFAULT_FILE)
 
 
 def apply_budgets(ledger: Ledger, spec: BudgetsFile) -> list[str]:

@@ -89,6 +89,7 @@ class CostMeter(Callback):
         on_forecast: Callable[[ForecastPoint], None] | None = None,
         forecasts_per_first_epoch: int = 10,
         thresholds: tuple[float, ...] = THRESHOLDS,
+        started_at: datetime | None = None,
     ) -> None:
         self.book, self.resources, self.spot = book, resources, spot
         self.cap_usd = cap_usd
@@ -103,7 +104,8 @@ class CostMeter(Callback):
         self.on_forecast = on_forecast
         self.forecasts_per_first_epoch = forecasts_per_first_epoch
         self.thresholds = thresholds
-        self.started_at = clock()
+        # Billing starts here; a flow passes its own start so loading and quoting are billed too.
+        self.started_at = started_at or clock()
         self._last_tick = self.started_at
         self.totals = MeterTotals()
         self.timing = _Timing()
@@ -199,9 +201,7 @@ class CostMeter(Callback):
 
     def on_step_begin(self, step: StepInfo, control: LoopControl) -> None:
         now = self.tick()
-        if self.timing.pending_overhead_from is not None:
-            self.timing.epoch_overheads.append((now - self.timing.pending_overhead_from).total_seconds())
-            self.timing.pending_overhead_from = None
+        self._close_epoch_overhead(now)
         self._step_started_usd = self.totals.usd
         if self.cap_usd is None:
             return
@@ -252,11 +252,15 @@ class CostMeter(Callback):
 
     def on_train_end(self, result: TrainResult, control: LoopControl) -> None:
         now = self.tick()
+        self._close_epoch_overhead(now)
+        self.training_usd_at_end = self.totals.usd
+        self.seconds_at_train_end = self.totals.seconds
+
+    def _close_epoch_overhead(self, now: datetime) -> None:
+        """The gap from an epoch's last step to the next step (or the end) is that epoch's overhead."""
         if self.timing.pending_overhead_from is not None:
             self.timing.epoch_overheads.append((now - self.timing.pending_overhead_from).total_seconds())
             self.timing.pending_overhead_from = None
-        self.training_usd_at_end = self.totals.usd
-        self.seconds_at_train_end = self.totals.seconds
 
     # --- thresholds ----------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from datetime import time
 from pathlib import Path
+from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -21,6 +22,7 @@ from pydantic import (
 
 ENV_VAR = "OPPEN_PRICE_BOOK"
 DEFAULT_FILE = Path(__file__).with_name("price_book.yaml")
+M = TypeVar("M", bound=BaseModel)
 MAX_GPUS_PER_RUN = 16  # the largest single nodes (e.g. 16x A100 40GB) carry 16
 
 
@@ -89,14 +91,19 @@ class Resources(_Strict):
         return self
 
 
-def load_price_book(path: Path | None = None) -> PriceBook:
-    """The book at `path`, else at $OPPEN_PRICE_BOOK, else the default shipped beside this module."""
-    source = Path(path or os.environ.get(ENV_VAR) or DEFAULT_FILE)
+def load_yaml_model(model: type[M], label: str, path: Path | None, env_var: str, default: Path) -> M:
+    """`model` validated from the YAML at `path`, else at $`env_var`, else `default`; one clear error if unreadable."""
+    source = Path(path or os.environ.get(env_var) or default)
     try:
         data = yaml.safe_load(source.read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"price book {source} cannot be read: {error}") from error
-    return PriceBook.model_validate(data or {})
+        raise ValueError(f"{label} {source} cannot be read: {error}") from error
+    return model.model_validate(data or {})
+
+
+def load_price_book(path: Path | None = None) -> PriceBook:
+    """The book at `path`, else at $OPPEN_PRICE_BOOK, else the default shipped beside this module."""
+    return load_yaml_model(PriceBook, "price book", path, ENV_VAR, DEFAULT_FILE)
 
 
 def on_demand_hourly_usd(book: PriceBook, resources: Resources) -> float:

@@ -9,8 +9,10 @@ because on a real spot node they are billed too.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from oppen.cost.meter import Clock, system_clock
 from training.callbacks import Callback, LoopControl, RunInfo, StepInfo
@@ -83,3 +85,20 @@ class SpotSimulator(Callback):
     @property
     def lost_seconds(self) -> float:
         return sum(item.lost_seconds for item in self.interruptions)
+
+
+T = TypeVar("T")
+
+
+def run_through_reclaims(
+    attempt: Callable[[], T], max_attempts: int = 50, on_reclaim: Callable[[int, SimulatedInterruption], None] | None = None,
+) -> T:
+    """Call `attempt` (a training run that resumes from its checkpoint) until it finishes without a reclaim."""
+    for number in range(1, max_attempts + 1):
+        try:
+            return attempt()
+        except SimulatedInterruption as reclaim:
+            if on_reclaim:
+                on_reclaim(number, reclaim)
+    # A rate so high that this many reclaims happen is a misconfiguration, not bad luck.
+    raise RuntimeError(f"gave up after {max_attempts} spot interruptions")
