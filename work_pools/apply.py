@@ -1,4 +1,4 @@
-"""Create or update the work pools and queues of pools.yaml on a Prefect server. Idempotent.
+"""Create or update the work pools, queues and global concurrency limits of pools.yaml on a Prefect server. Idempotent.
 
     python -m work_pools.apply [--file work_pools/pools.yaml]
 
@@ -12,10 +12,16 @@ import asyncio
 from pathlib import Path
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate, WorkQueueUpdate
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+    WorkPoolCreate,
+    WorkPoolUpdate,
+    WorkQueueUpdate,
+)
 from prefect.exceptions import ObjectNotFound
 
-from work_pools.spec import DEFAULT_POOLS_FILE, PoolSpec, load_pools
+from work_pools.spec import DEFAULT_POOLS_FILE, GlobalLimitSpec, PoolSpec, load_pools
 
 
 async def _apply_pool(client, spec: PoolSpec, base_dir: Path) -> list[str]:
@@ -70,12 +76,27 @@ async def _apply_pool(client, spec: PoolSpec, base_dir: Path) -> list[str]:
     return changes
 
 
+async def _apply_limit(client, spec: GlobalLimitSpec) -> list[str]:
+    try:
+        existing = await client.read_global_concurrency_limit_by_name(spec.name)
+    except ObjectNotFound:
+        await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=spec.name, limit=spec.limit))
+        return [f"created concurrency limit {spec.name} ({spec.limit} slots)"]
+    if existing.limit == spec.limit and existing.active:
+        return []
+    # Slots held by running flows stay held: only the limit (and active flag) change.
+    await client.update_global_concurrency_limit(spec.name, GlobalConcurrencyLimitUpdate(limit=spec.limit, active=True))
+    return [f"updated concurrency limit {spec.name}: {existing.limit} -> {spec.limit} slots"]
+
+
 async def apply_pools(path: Path = DEFAULT_POOLS_FILE) -> list[str]:
     pools = load_pools(path)
     changes: list[str] = []
     async with get_client() as client:
         for spec in pools.pools:
             changes += await _apply_pool(client, spec, Path(path).parent)
+        for limit in pools.concurrency_limits:
+            changes += await _apply_limit(client, limit)
     return changes
 
 

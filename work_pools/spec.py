@@ -46,8 +46,27 @@ class PoolSpec(_Strict):
         return json.loads((base_dir / self.base_job_template).read_text())
 
 
+class GlobalLimitSpec(_Strict):
+    """A Prefect global concurrency limit; a flow takes `occupy=n` slots (one per GPU it uses)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$")
+    limit: NonNegativeInt
+    description: str | None = None
+
+
 class PoolsFile(_Strict):
     pools: list[PoolSpec] = Field(min_length=1)
+    concurrency_limits: list[GlobalLimitSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PoolsFile:
+        for kind, names in (("pool", [p.name for p in self.pools]), ("limit", [c.name for c in self.concurrency_limits])):
+            if len(set(names)) != len(names):
+                raise ValueError(f"{kind} names repeat: {names}")
+        return self
+
+    def limit_named(self, name: str) -> GlobalLimitSpec | None:
+        return next((limit for limit in self.concurrency_limits if limit.name == name), None)
 
 
 def load_pools(path: Path = DEFAULT_POOLS_FILE) -> PoolsFile:

@@ -1,0 +1,197 @@
+"""The Kubernetes GPU pool, offline: template derivation, Job rendering with prefect-kubernetes'
+own code, Kubernetes schema validation, and job-variable checks before a flow run exists."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from prefect.client.orchestration import PrefectClient
+
+from work_pools.job_variables import JobVariablesError, check_request
+from work_pools.kubernetes_template import (
+    MAX_USER_TOLERATIONS,
+    TEMPLATE_FILE,
+    derive,
+    prefect_kubernetes_default,
+    render_json,
+)
+from work_pools.render import (
+    deployment_job_variables,
+    deployment_label,
+    prefect_yaml_deployments,
+    render_job_manifest,
+    validate_manifest,
+)
+from work_pools.spec import load_pools
+
+QUEUES = ("urgent", "normal", "background")
+POOLS = load_pools()
+GPU_POOL = next(p for p in POOLS.pools if p.name == "kubernetes-gpu")
+TEMPLATE = GPU_POOL.template()
+
+
+def render(variables: dict) -> dict:
+    # A client is required by the signature; these templates reference no blocks or Prefect
+    # variables, so it makes no request (were one made, the closed port would fail the test).
+    async def go():
+        async with PrefectClient(api="http://127.0.0.1:9/api") as client:
+            return await render_job_manifest(TEMPLATE, variables, client)
+
+    return asyncio.run(go())
+
+
+def pod_spec(manifest: dict) -> dict:
+    return manifest["spec"]["template"]["spec"]
+
+
+def container(manifest: dict) -> dict:
+    return pod_spec(manifest)["containers"][0]
+
+
+def env_of(manifest: dict) -> dict:
+    return {item["name"]: item.get("value") for item in container(manifest)["env"]}
+
+
+def test_committed_template_is_derived_from_installed_prefect_kubernetes_default():
+    default = prefect_kubernetes_default()
+    assert TEMPLATE_FILE.read_text() == render_json(derive(default)), (
+        "work_pools/kubernetes-gpu.json is stale: run `python -m work_pools.kubernetes_template`"
+    )
+    # Every variable of the default is kept.
+    assert set(default["variables"]["properties"]) <= set(TEMPLATE["variables"]["properties"])
+
+
+GPU_DEPLOYMENTS = [d for d in prefect_yaml_deployments() if d["work_pool"]["name"] == "kubernetes-gpu"]
+
+
+def test_prefect_yaml_has_gpu_deployments_for_each_workload():
+    labels = {deployment_label(d) for d in GPU_DEPLOYMENTS}
+    assert {"train-mnist/gpu", "train-lm/gpu", "train-mnist/gpu-urgent", "train-lm/gpu-spot"} <= labels
+
+
+@pytest.mark.parametrize("queue", QUEUES)
+@pytest.mark.parametrize("deployment", GPU_DEPLOYMENTS, ids=deployment_label)
+def test_every_gpu_deployment_renders_a_valid_job_on_every_queue(deployment, queue):
+    variables = deployment_job_variables(deployment) | {"priority_class_name": f"oppen-{queue}"}
+    check_request(POOLS, "kubernetes-gpu", queue, variables)
+    manifest = render(variables)
+    validate_manifest(manifest)
+
+    spec, pod, main = manifest["spec"], pod_spec(manifest), container(manifest)
+    assert spec["backoffLimit"] == 0
+    assert spec["activeDeadlineSeconds"] == 86400
+    assert "completions" not in pod and spec["completions"] == 1
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == variables["gpu_count"]
+    assert pod["priorityClassName"] == f"oppen-{queue}"
+    assert main["image"] == variables["image"]
+    assert pod["serviceAccountName"] == "oppen-run"
+    assert manifest["metadata"]["namespace"] == "ml-training"
+    # Interrupted runs are rescheduled by Prefect, and find their checkpoints on the PVC.
+    env = env_of(manifest)
+    assert env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"] == "reschedule"
+    assert env["OPPEN_CHECKPOINT_ROOT"] == "/checkpoints"
+    mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts == {"dshm": "/dev/shm", "checkpoints": "/checkpoints"}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == "oppen-checkpoints"
+    assert {"configMapRef": {"name": "oppen-runtime"}} in main["envFrom"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # GPU type and capacity class are hard scheduling requirements.
+    expressions = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"][0]["matchExpressions"]
+    by_key = {e["key"]: e for e in expressions}
+    assert by_key["nvidia.com/gpu.product"]["values"] == [variables["gpu_type"]]
+    spot = variables.get("spot", False)
+    assert by_key["oppen.io/spot"]["values"] == [f"spot-{spot}"]
+    tolerations = pod["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+    assert {"key": "oppen.io/spot", "operator": "Equal", "value": f"spot-{spot}", "effect": "NoSchedule"} in tolerations
+
+
+def test_spot_adds_toleration_and_affinity_for_spot_nodes_only():
+    on_demand = pod_spec(render({"image": "x"}))
+    spot = pod_spec(render({"image": "x", "spot": True}))
+    for pod, value in ((on_demand, "spot-False"), (spot, "spot-True")):
+        expressions = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"][0]["matchExpressions"]
+        assert {"key": "oppen.io/spot", "operator": "In", "values": [value]} in expressions
+        assert any(t.get("value") == value and t["key"] == "oppen.io/spot" for t in pod["tolerations"])
+
+
+def test_user_tolerations_node_selector_and_sizes_are_added_not_replacing_ours():
+    mine = [{"key": "team", "operator": "Equal", "value": "vision", "effect": "NoSchedule"},
+            {"key": "maintenance", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 600}]
+    manifest = render({"image": "x", "tolerations": mine, "node_selector": {"pool": "a100"}, "gpu_count": 4,
+                       "gpu_type": "NVIDIA-A100-SXM4-80GB", "shm_size": "16Gi", "checkpoint_claim": "team-ckpt",
+                       "checkpoint_mount_path": "/ckpt", "active_deadline_seconds": 3600, "namespace": "ml-team-vision",
+                       "env": {"EXTRA": "1"}, "cpu_request": "8", "memory_request": "64Gi"})
+    validate_manifest(manifest)
+    pod, main = pod_spec(manifest), container(manifest)
+    assert pod["tolerations"][:2][0]["key"] == "nvidia.com/gpu"
+    assert pod["tolerations"][2:] == mine
+    assert pod["nodeSelector"] == {"pool": "a100"}
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert main["resources"]["requests"] == {"cpu": "8", "memory": "64Gi"}
+    assert {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"]["sizeLimit"] == "16Gi"
+    assert {m["name"]: m["mountPath"] for m in main["volumeMounts"]}["checkpoints"] == "/ckpt"
+    env = env_of(manifest)
+    assert env["OPPEN_CHECKPOINT_ROOT"] == "/ckpt" and env["EXTRA"] == "1"
+    assert manifest["spec"]["activeDeadlineSeconds"] == 3600
+    assert manifest["metadata"]["namespace"] == "ml-team-vision"
+
+
+@pytest.mark.parametrize(
+    "queue, variables, message",
+    [
+        ("normal", {"gpu_count": -1}, "gpu_count: -1 is less than the minimum of 1"),
+        ("normal", {"gpu_count": 17}, "gpu_count: 17 is greater than the maximum of 16"),
+        ("normal", {"gpu_count": "two"}, "gpu_count: 'two' is not of type 'integer'"),
+        ("normal", {"priority_class_name": "vip"}, "priority_class_name: 'vip' is not one of"),
+        ("normal", {"tolerations": [{"key": "a", "operator": "Sometimes"}]}, "tolerations.0.operator: 'Sometimes'"),
+        ("normal", {"tolerations": [{"key": "a", "effects": "NoSchedule"}]}, "tolerations.0: Additional properties"),
+        ("normal", {"tolerations": "gpu"}, "tolerations: 'gpu' is not of type 'array'"),
+        ("normal", {"tolerations": [{"key": str(i), "operator": "Exists"} for i in range(MAX_USER_TOLERATIONS + 1)]},
+         "is too long"),
+        ("normal", {"gpu_type": "A100 80GB"}, "gpu_type: 'A100 80GB' does not match"),
+        ("normal", {"spot": "yes"}, "spot: 'yes' is not of type 'boolean'"),
+        ("normal", {"shm_size": "lots"}, "shm_size: 'lots' does not match"),
+        ("normal", {"backoff_limit": 3}, "backoff_limit: 3 is greater than the maximum of 0"),
+        ("normal", {"gpus": 2}, "Additional properties are not allowed ('gpus' was unexpected)"),
+        ("urgnet", {}, "unknown queue 'urgnet' in pool 'kubernetes-gpu'; use one of ['urgent', 'normal', 'background']"),
+        ("urgent", {"priority_class_name": "oppen-background"}, "does not match queue 'urgent'"),
+    ],
+)
+def test_bad_job_variables_are_refused_with_a_clear_message(queue, variables, message):
+    with pytest.raises(JobVariablesError) as refused:
+        check_request(POOLS, "kubernetes-gpu", queue, variables)
+    assert message in str(refused.value)
+
+
+def test_all_problems_are_reported_at_once_and_unknown_names_list_the_known_ones():
+    with pytest.raises(JobVariablesError) as refused:
+        check_request(POOLS, "kubernetes-gpu", "normal", {"gpu_count": 0, "spot": 1, "gpus": 2})
+    lines = str(refused.value).splitlines()
+    assert any(line.startswith("job variable gpu_count:") for line in lines)
+    assert any(line.startswith("job variable spot:") for line in lines)
+    assert any("variables of pool 'kubernetes-gpu':" in line and "gpu_type" in line for line in lines)
+
+
+def test_unknown_pool_is_refused():
+    with pytest.raises(JobVariablesError, match="unknown work pool 'gpu'"):
+        check_request(POOLS, "gpu", "normal", {})
+
+
+def test_local_deployments_pass_the_same_checks():
+    for deployment in prefect_yaml_deployments():
+        pool = deployment["work_pool"]
+        check_request(POOLS, pool["name"], pool.get("work_queue_name"), deployment_job_variables(deployment))
+
+
+def test_gpu_slots_limit_is_declared():
+    limit = POOLS.limit_named("gpu-slots")
+    assert limit is not None and limit.limit >= 1
+    assert GPU_POOL.concurrency_limit and [q.priority for q in GPU_POOL.queues] == [1, 2, 3]
+    assert json.loads(TEMPLATE_FILE.read_text())["variables"]["properties"]["gpu_count"]["maximum"] == 16
