@@ -10,10 +10,12 @@ that fails or is stopped still settles what it spent.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
 
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
@@ -35,6 +37,7 @@ from tasks.cost_tasks import (
     reserve_budget,
     settle_run,
 )
+from tasks.gpu_slots import hold_gpu_slots
 from tasks.mlflow_tasks import close_tracking_run, open_tracking_run, register_if_good
 from tasks.summary import TrainingSummary, publish_summary
 from tasks.training_tasks import evaluate_model, log_model, train_model
@@ -72,10 +75,14 @@ def training_pipeline(
         run_name=flow_run.get_name() or workload_name,
         params=params | {"run": run.model_dump(mode="json"), "cost": cost.model_dump(mode="json")},
         tags={"oppen.workload": workload_name, "prefect.flow_run_id": str(flow_run_id), "oppen.team": cost.team},
+        resume_tag="prefect.flow_run_id" if flow_run_id else None,
     )
     reservation, meter, quote = None, None, None
     title = f"{workload_name} run {flow_run.get_name() or tracking.run_id}"
+    gpu_slots = contextlib.ExitStack()
     try:
+        # Before loading: a run waiting for GPU slots has not started spending.
+        gpu_slots.enter_context(hold_gpu_slots(cost.resources.gpus))
         workload = load()
         load_seconds = time.perf_counter() - started
         quote, _ = quote_run(settings, book, workload, run, cost, load_seconds, tracking.run_id)
@@ -87,6 +94,7 @@ def training_pipeline(
         trained = train_model(workload, run, settings, tracking.run_id, extra_callbacks=[meter, sampler], spot=spot)
         evaluation = evaluate_model(workload, trained, run, settings, tracking.run_id)
         model_uri = log_model(workload, trained, settings, tracking.run_id)
+        gpu_slots.close()  # the GPUs are free once the model is saved
         registered = register_if_good(settings, model_name, model_uri, evaluation, threshold, DEVELOPMENT_ALIAS)
         run_cost = settle_from_meter(
             meter, status="stopped" if trained.result.stopped_early else "settled", resources=cost.resources,
@@ -100,6 +108,17 @@ def training_pipeline(
     except BudgetRefused as refused:
         close_tracking_run(settings, tracking, failed=True, status="KILLED")
         return Failed(name="OverBudget", message=str(refused))
+    except TerminationSignal:
+        # Eviction, preemption or spot reclaim. Prefect reschedules this flow run (same id), which
+        # reopens this reservation and MLflow run and resumes from the last checkpoint; what ran
+        # until now is paid for and recorded as preempted.
+        if reservation is not None and meter is not None:
+            preempted = settle_from_meter(meter, status="preempted", resources=cost.resources, quote=quote,
+                                          metric_name=None, metric_value=None,
+                                          stop_reason="SIGTERM: rescheduled, resumes from its last checkpoint")
+            settle_run(settings, reservation, preempted, tracking.run_id, title)
+        close_tracking_run(settings, tracking, failed=True, status="KILLED")
+        raise
     except BaseException as error:
         if reservation is not None and meter is not None:
             # What was spent is spent: the ledger records it and releases the rest of the hold.
@@ -109,6 +128,8 @@ def training_pipeline(
             settle_run(settings, reservation, failed_cost, tracking.run_id, title)
         close_tracking_run(settings, tracking, failed=True)
         raise
+    finally:
+        gpu_slots.close()
     close_tracking_run(settings, tracking, failed=False)
     return publish_summary(
         TrainingSummary(

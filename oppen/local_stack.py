@@ -118,6 +118,9 @@ class LocalStack:
             OPPEN_MLFLOW_TRACKING_URI=f"http://127.0.0.1:{state['ports']['mlflow']}",
             OPPEN_PROJECT_DIR=str(PROJECT_DIR),
             PYTHONUNBUFFERED="1",
+            # The local pool starts flow runs with `prefect flow-run execute` (work_pools/local.json):
+            # this interpreter's `prefect` must come first on the worker's PATH.
+            PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         )
         return env
 

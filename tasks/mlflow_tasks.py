@@ -25,17 +25,38 @@ class TrackingRun(BaseModel):
 
 @task(retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)
 def open_tracking_run(
-    settings: OppenSettings, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
+    settings: OppenSettings, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
+    resume_tag: str | None = None,
 ) -> TrackingRun:
-    """Create the MLflow run and record the full config before any compute is spent."""
+    """Create the MLflow run and record the full config before any compute is spent.
+
+    With `resume_tag` (a tag key in `tags`): a run already carrying the same value is reopened
+    instead, so a preempted and rescheduled flow run keeps one MLflow run with one metric history.
+    """
     client = client_for(settings)
     experiment_id = ensure_experiment(client, experiment, settings.artifact_root)
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    log_params(client, run.info.run_id, params)
-    client.log_dict(run.info.run_id, params, "config.json")  # the exact, typed config, not just strings
+    run = _earlier_attempt(client, experiment_id, resume_tag, tags) if resume_tag else None
+    if run is not None:
+        attempt = int(run.data.tags.get("oppen.attempt", "1")) + 1
+        client.update_run(run.info.run_id, status="RUNNING")
+        client.set_tag(run.info.run_id, "oppen.attempt", str(attempt))
+        get_run_logger().info("resuming MLflow run %s (attempt %d of this flow run)", run.info.run_id, attempt)
+    else:
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags | {"oppen.attempt": "1"})
+        log_params(client, run.info.run_id, params)
+        client.log_dict(run.info.run_id, params, "config.json")  # the exact, typed config, not just strings
     url = f"{settings.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run.info.run_id}" if settings.ui_url else None
     get_run_logger().info("MLflow run %s in experiment %r%s", run.info.run_id, experiment, f": {url}" if url else "")
     return TrackingRun(run_id=run.info.run_id, experiment_id=experiment_id, experiment=experiment, run_url=url)
+
+
+def _earlier_attempt(client, experiment_id: str, tag: str, tags: dict[str, str]):
+    value = tags.get(tag)
+    if not value:
+        return None
+    found = client.search_runs([experiment_id], f"tags.`{tag}` = '{value}'", max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
 
 
 @task(retries=2, retry_delay_seconds=[1, 5], cache_policy=NONE)

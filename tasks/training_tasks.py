@@ -73,6 +73,9 @@ def train_model(
         on_reclaim=lambda number, reclaim: logger.warning("attempt %d: %s", number, reclaim),
     )
     result = trained.result
+    # Where this attempt started: > 0 after a preemption (resumed from a checkpoint).
+    log_metrics(client_for(settings), mlflow_run_id,
+                {"steps_completed": result.steps, "resumed_from_step": result.resumed_from_step}, result.steps)
     logger.info(
         "trained %d/%d steps in %.1fs (%.0f samples/s)%s",
         result.steps, result.total_steps, result.train_seconds, result.samples_per_second,

@@ -30,6 +30,12 @@ class PrefectStack:
             "OPPEN_MLFLOW_TRACKING_URI": self.tracking_uri,
             "OPPEN_PROJECT_DIR": str(PROJECT_DIR),
             "PYTHONUNBUFFERED": "1",
+            # The local pool's flow runs start as `prefect flow-run execute`: this venv's prefect.
+            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+            # `prefect deploy --all` also deploys the GPU pool's deployments; no container engine
+            # here, so their build step names an image instead of building one.
+            "OPPEN_SKIP_IMAGE_BUILD": "1",
+            "OPPEN_IMAGE": "registry.example.com/oppen-train:test",
         }
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:

@@ -38,15 +38,29 @@ def _deployment_run(stack, *params: str, check: bool = True):
     return result, match.group(1) if match else None
 
 
-def test_pool_and_queues_exist_with_priorities_and_reapply_is_a_no_op(stack):
-    async def queues():
+def test_pools_queues_and_limits_exist_as_declared_and_reapply_is_a_no_op(stack):
+    from work_pools.spec import load_pools
+
+    declared = load_pools()
+
+    async def read():
         async with get_client() as client:
-            return await client.read_work_queues(work_pool_name="local")
+            pools = {spec.name: await client.read_work_pool(spec.name) for spec in declared.pools}
+            queues = {spec.name: await client.read_work_queues(work_pool_name=spec.name) for spec in declared.pools}
+            limits = {c.name: await client.read_global_concurrency_limit_by_name(c.name) for c in declared.concurrency_limits}
+            return pools, queues, limits
 
     with temporary_settings({PREFECT_API_URL: stack.api_url}):
-        by_name = {q.name: q.priority for q in asyncio.run(queues())}
-    assert by_name["urgent"] < by_name["normal"] < by_name["background"]
-    assert (by_name["urgent"], by_name["normal"], by_name["background"]) == (1, 2, 3)
+        pools, queues, limits = asyncio.run(read())
+    for spec in declared.pools:
+        pool = pools[spec.name]
+        assert (pool.type, pool.concurrency_limit) == (spec.type, spec.concurrency_limit)
+        assert pool.base_job_template == spec.template()
+        # (Prefect also gives every pool a `default` queue of its own.)
+        on_server = {q.name: (q.priority, q.concurrency_limit) for q in queues[spec.name] if q.name != "default"}
+        assert on_server == {q.name: (q.priority, q.concurrency_limit) for q in spec.queues}
+    assert {name: limit.limit for name, limit in limits.items()} == {c.name: c.limit for c in declared.concurrency_limits}
+    assert pools["kubernetes-gpu"].type == "kubernetes" and "gpu_count" in pools["kubernetes-gpu"].base_job_template["variables"]["properties"]
     again = stack.run(sys.executable, "-m", "work_pools.apply")
     assert again.stdout.strip() == "no changes"
 

@@ -11,7 +11,8 @@ from prefect.client.orchestration import PrefectClient
 
 from work_pools.job_variables import JobVariablesError, check_request
 from work_pools.kubernetes_template import (
-    MAX_USER_TOLERATIONS,
+    MAX_TOLERATIONS,
+    PLATFORM_TOLERATIONS,
     TEMPLATE_FILE,
     derive,
     prefect_kubernetes_default,
@@ -106,32 +107,31 @@ def test_every_gpu_deployment_renders_a_valid_job_on_every_queue(deployment, que
     assert by_key["nvidia.com/gpu.product"]["values"] == [variables["gpu_type"]]
     spot = variables.get("spot", False)
     assert by_key["oppen.io/spot"]["values"] == [f"spot-{spot}"]
-    tolerations = pod["tolerations"]
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
-    assert {"key": "oppen.io/spot", "operator": "Equal", "value": f"spot-{spot}", "effect": "NoSchedule"} in tolerations
+    assert pod["tolerations"] == PLATFORM_TOLERATIONS
 
 
-def test_spot_adds_toleration_and_affinity_for_spot_nodes_only():
-    on_demand = pod_spec(render({"image": "x"}))
-    spot = pod_spec(render({"image": "x", "spot": True}))
-    for pod, value in ((on_demand, "spot-False"), (spot, "spot-True")):
+def test_spot_requires_spot_nodes_and_on_demand_requires_on_demand_nodes():
+    on_demand = render({"image": "x"})
+    spot = render({"image": "x", "spot": True})
+    for manifest, value in ((on_demand, "spot-False"), (spot, "spot-True")):
+        pod = pod_spec(manifest)
         expressions = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
             "nodeSelectorTerms"][0]["matchExpressions"]
         assert {"key": "oppen.io/spot", "operator": "In", "values": [value]} in expressions
-        assert any(t.get("value") == value and t["key"] == "oppen.io/spot" for t in pod["tolerations"])
+        assert {"key": "oppen.io/spot", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert manifest["spec"]["template"]["metadata"]["labels"]["oppen.io/spot"] == value
 
 
-def test_user_tolerations_node_selector_and_sizes_are_added_not_replacing_ours():
+def test_user_tolerations_node_selector_and_sizes_render():
     mine = [{"key": "team", "operator": "Equal", "value": "vision", "effect": "NoSchedule"},
             {"key": "maintenance", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 600}]
-    manifest = render({"image": "x", "tolerations": mine, "node_selector": {"pool": "a100"}, "gpu_count": 4,
+    manifest = render({"image": "x", "tolerations": PLATFORM_TOLERATIONS + mine, "node_selector": {"pool": "a100"}, "gpu_count": 4,
                        "gpu_type": "NVIDIA-A100-SXM4-80GB", "shm_size": "16Gi", "checkpoint_claim": "team-ckpt",
                        "checkpoint_mount_path": "/ckpt", "active_deadline_seconds": 3600, "namespace": "ml-team-vision",
                        "env": {"EXTRA": "1"}, "cpu_request": "8", "memory_request": "64Gi"})
     validate_manifest(manifest)
     pod, main = pod_spec(manifest), container(manifest)
-    assert pod["tolerations"][:2][0]["key"] == "nvidia.com/gpu"
-    assert pod["tolerations"][2:] == mine
+    assert pod["tolerations"] == PLATFORM_TOLERATIONS + mine
     assert pod["nodeSelector"] == {"pool": "a100"}
     assert main["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert main["resources"]["requests"] == {"cpu": "8", "memory": "64Gi"}
@@ -153,8 +153,10 @@ def test_user_tolerations_node_selector_and_sizes_are_added_not_replacing_ours()
         ("normal", {"tolerations": [{"key": "a", "operator": "Sometimes"}]}, "tolerations.0.operator: 'Sometimes'"),
         ("normal", {"tolerations": [{"key": "a", "effects": "NoSchedule"}]}, "tolerations.0: Additional properties"),
         ("normal", {"tolerations": "gpu"}, "tolerations: 'gpu' is not of type 'array'"),
-        ("normal", {"tolerations": [{"key": str(i), "operator": "Exists"} for i in range(MAX_USER_TOLERATIONS + 1)]},
+        ("normal", {"tolerations": [{"key": str(i), "operator": "Exists"} for i in range(MAX_TOLERATIONS + 1)]},
          "is too long"),
+        ("normal", {"tolerations": [{"key": "team", "operator": "Exists"}]},
+         "keep the platform tolerations [{'key': 'nvidia.com/gpu'"),
         ("normal", {"gpu_type": "A100 80GB"}, "gpu_type: 'A100 80GB' does not match"),
         ("normal", {"spot": "yes"}, "spot: 'yes' is not of type 'boolean'"),
         ("normal", {"shm_size": "lots"}, "shm_size: 'lots' does not match"),

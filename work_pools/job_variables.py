@@ -53,6 +53,19 @@ def check_job_variables(pool: PoolSpec, variables: dict[str, Any]) -> None:
         raise JobVariablesError("\n".join(lines))
 
 
+def check_platform_tolerations(pool: PoolSpec, variables: dict[str, Any]) -> None:
+    """A tolerations list replaces the template's default; without the GPU taint's toleration the
+    pod would wait Pending forever, so the defaults must stay in it."""
+    if pool.type != "kubernetes" or not isinstance(variables.get("tolerations"), list):
+        return
+    required = pool.template()["variables"]["properties"].get("tolerations", {}).get("default") or []
+    missing = [toleration for toleration in required if toleration not in variables["tolerations"]]
+    if missing:
+        raise JobVariablesError(
+            f"job variable tolerations: keep the platform tolerations {missing} and add yours after them"
+        )
+
+
 def check_priority_matches_queue(pool: PoolSpec, queue: str | None, variables: dict[str, Any]) -> None:
     """On Kubernetes the queue decides when a run starts and the priority class whom it may evict:
     they must agree, or an urgent run admitted first could be the one preempted."""
@@ -73,5 +86,6 @@ def check_request(pools: PoolsFile, pool_name: str, queue: str | None, variables
     pool = pool_named(pools, pool_name)
     check_queue(pool, queue)
     check_job_variables(pool, variables)
+    check_platform_tolerations(pool, variables)
     check_priority_matches_queue(pool, queue, variables)
     return pool

@@ -12,13 +12,14 @@ manifest on its own:
 
 - `gpu_type` is a required node-affinity expression on NVIDIA GPU feature discovery's product
   label, so it always has a value (the pool is for GPU runs; CPU work uses the `local` pool).
-- `spot` renders into the value of a toleration and of a required node-affinity expression on the
-  `oppen.io/spot` label: spot runs tolerate the spot taint and may only land on spot nodes;
-  on-demand runs only on on-demand nodes. The price a run was quoted is the node class it gets.
-  Prefect writes the boolean as `True`/`False`, so node pools are labelled (and spot pools tainted)
-  `oppen.io/spot=spot-True` or `oppen.io/spot=spot-False` (see infra/README.md).
-- user `tolerations` fill up to `MAX_USER_TOLERATIONS` list slots (`{{ tolerations[i] }}`): a slot
-  without a value is dropped, so they add to the GPU and spot tolerations instead of replacing them.
+- `spot` renders into a required node-affinity expression on the `oppen.io/spot` label: spot runs
+  may only land on spot nodes, on-demand runs only on on-demand nodes, so the price a run was
+  quoted is the node class it gets. Prefect writes the boolean as `True`/`False`, so node pools
+  are labelled `oppen.io/spot=spot-True` or `oppen.io/spot=spot-False` (see infra/README.md).
+  Tolerating the spot taint is unconditional: a toleration only allows, the affinity decides.
+- `tolerations` is one list (the server refuses placeholders that are not variables, so lists
+  cannot be spliced); its default holds the platform tolerations (GPU and spot taints), and
+  `work_pools.job_variables` refuses a list that drops them, with the entries to keep.
 """
 
 from __future__ import annotations
@@ -31,13 +32,19 @@ from typing import Any
 HERE = Path(__file__).parent
 TEMPLATE_FILE = HERE / "kubernetes-gpu.json"
 
-MAX_USER_TOLERATIONS = 4
+MAX_TOLERATIONS = 8
 PRIORITY_CLASSES = ("oppen-urgent", "oppen-normal", "oppen-background")
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set on every GPU node by NVIDIA GPU feature discovery
 SPOT_LABEL = "oppen.io/spot"
 DEFAULT_GPU_TYPE = "NVIDIA-L4"
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+# GPU node pools are tainted so CPU pods stay off them; spot pools carry the spot taint too.
+PLATFORM_TOLERATIONS = [
+    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": SPOT_LABEL, "operator": "Exists", "effect": "NoSchedule"},
+]
 
 TOLERATION_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -70,8 +77,8 @@ ADDED_VARIABLES: dict[str, dict[str, Any]] = {
     },
     "tolerations": {
         "title": "Tolerations",
-        "description": f"Up to {MAX_USER_TOLERATIONS} tolerations added to the GPU (and spot) tolerations.",
-        "type": "array", "items": TOLERATION_SCHEMA, "maxItems": MAX_USER_TOLERATIONS, "default": [],
+        "description": "The pod's tolerations. Keep the two defaults (GPU and spot taints) and add yours after them.",
+        "type": "array", "items": TOLERATION_SCHEMA, "maxItems": MAX_TOLERATIONS, "default": PLATFORM_TOLERATIONS,
     },
     "priority_class_name": {
         "title": "Priority class",
@@ -80,7 +87,7 @@ ADDED_VARIABLES: dict[str, dict[str, Any]] = {
     },
     "spot": {
         "title": "Spot",
-        "description": f"Run on spot capacity: tolerate the spot taint and require {SPOT_LABEL}=spot-True nodes.",
+        "description": f"Run on spot capacity: require {SPOT_LABEL}=spot-True nodes (on-demand runs require spot-False).",
         "type": "boolean", "default": False,
     },
     "shm_size": {
@@ -152,12 +159,7 @@ def derive(default: dict[str, Any]) -> dict[str, Any]:
     ]
     pod["priorityClassName"] = "{{ priority_class_name }}"
     pod["nodeSelector"] = "{{ node_selector }}"
-    pod["tolerations"] = [
-        # GPU node pools are tainted so CPU pods stay off them.
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-        {"key": SPOT_LABEL, "operator": "Equal", "value": "spot-{{ spot }}", "effect": "NoSchedule"},
-        *[f"{{{{ tolerations[{slot}] }}}}" for slot in range(MAX_USER_TOLERATIONS)],
-    ]
+    pod["tolerations"] = "{{ tolerations }}"
     pod["affinity"] = {
         "nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {

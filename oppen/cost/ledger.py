@@ -41,7 +41,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 Period = Literal["total", "monthly"]
 # Statuses whose cost counts against a budget: reserved (held, not yet known) or actually spent.
 HELD = "reserved"
-SPENT = ("settled", "stopped", "failed", "expired")
+SPENT = ("settled", "stopped", "failed", "preempted", "expired")  # preempted: rescheduled, reopened by its next attempt
 REFUSED = "refused"
 
 metadata = MetaData()

@@ -14,7 +14,7 @@ from oppen.cost.utilization import Utilization
 class RunCost(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    status: str  # settled | stopped | failed
+    status: str  # settled | stopped | failed | preempted
     cost_usd: float  # everything this run was billed, loading to logging
     training_usd: float  # from training's start to its end
     at_training_end_usd: float  # everything spent up to the end of training (loading and quoting included)

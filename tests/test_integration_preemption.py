@@ -1,0 +1,133 @@
+"""Preemption on the local process pool, through a real server and worker: SIGTERM to a flow run's
+process mid-epoch (what an eviction, a preemption or a spot reclaim sends a pod) reschedules the
+flow run; the next attempt resumes from the last checkpoint and ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from uuid import UUID
+
+import psutil
+import pytest
+import torch
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from oppen.cost.ledger import Ledger
+from tests.test_integration_local_pool import _deployment_run, _read_flow_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+EVERY = 20
+RUN = {"epochs": 1, "batch_size": 128, "learning_rate": 5e-3, "max_steps": 160, "checkpoint_every_steps": EVERY,
+       "log_every_steps": 10, "num_threads": 1}
+
+
+def _start(stack) -> str:
+    async def create():
+        async with get_client() as client:
+            deployment = await client.read_deployment_by_name("train-mnist/local")
+            flow_run = await client.create_flow_run_from_deployment(
+                deployment.id, parameters={"run": RUN, "min_test_accuracy": 0.1}
+            )
+            return str(flow_run.id)
+
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        return asyncio.run(create())
+
+
+def _supervisor_of(flow_run_id: str) -> psutil.Process | None:
+    """The `prefect flow-run execute` process of this flow run (the container's main process on Kubernetes)."""
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if "flow-run execute" in cmdline and process.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
+                return process
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def _wait_for(predicate, timeout: float, what: str, stack):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}\n{stack.log('worker')}")
+
+
+def _state_names(stack, flow_run_id: str) -> list[str]:
+    async def read():
+        async with get_client() as client:
+            return [s.name for s in await client.read_flow_run_states(UUID(flow_run_id))]
+
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        return asyncio.run(read())
+
+
+def test_sigterm_reschedules_and_the_run_resumes_from_its_checkpoint(stack):
+    # The uninterrupted reference.
+    result, reference_id = _deployment_run(stack, f"run={json.dumps(RUN)}", "min_test_accuracy=0.1")
+    assert "Completed" in result.stdout
+    mlflow = MlflowClient(tracking_uri=stack.tracking_uri)
+    experiment = mlflow.get_experiment_by_name("mnist")
+
+    def mlflow_run(flow_run_id):
+        runs = mlflow.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        assert len(runs) == 1, f"one MLflow run per flow run, found {len(runs)}"
+        return runs[0]
+
+    reference = mlflow_run(reference_id)
+    assert reference.data.metrics["steps_completed"] == RUN["max_steps"]
+
+    flow_run_id = _start(stack)
+    checkpoint = stack.root / "oppen" / "checkpoints" / "mnist" / flow_run_id / "last.pt"
+
+    def mid_epoch_checkpoint():
+        if not checkpoint.exists():
+            return None
+        try:
+            step = torch.load(checkpoint, map_location="cpu", weights_only=False)["step"]
+        except Exception:  # being replaced right now
+            return None
+        return step if EVERY * 2 <= step < RUN["max_steps"] - EVERY else None
+
+    saved_step = _wait_for(mid_epoch_checkpoint, 240, "a mid-epoch checkpoint", stack)
+    supervisor = _wait_for(lambda: _supervisor_of(flow_run_id), 30, "the flow-run process", stack)
+    supervisor.send_signal(signal.SIGTERM)
+
+    def finished():
+        state = _read_flow_run(stack, flow_run_id).state
+        return state if state.is_final() else None
+
+    final = _wait_for(finished, 300, "the rescheduled run to finish", stack)
+    assert final.is_completed(), f"{final.name}: {final.message}\n{stack.log('worker')}"
+    names = _state_names(stack, flow_run_id)
+    assert "AwaitingRetry" in names, names  # Prefect's reschedule, not a crash or a retry of a failure
+    assert names.count("Running") >= 2, names
+
+    run = mlflow_run(flow_run_id)  # the same MLflow run, reopened
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["oppen.attempt"] == "2"
+    resumed_from = run.data.metrics["resumed_from_step"]
+    # At most one checkpoint interval lost: the attempt resumed from the last checkpoint written.
+    assert resumed_from >= saved_step and resumed_from % EVERY == 0
+    assert run.data.metrics["steps_completed"] == reference.data.metrics["steps_completed"] == RUN["max_steps"]
+    assert run.data.metrics["test_accuracy"] > 0.5
+
+    # Both attempts are paid for, in one ledger row that the second attempt reopened and settled.
+    ledger = Ledger(f"sqlite:///{stack.root / 'oppen' / 'ledger.db'}")
+    try:
+        rows = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
+    finally:
+        ledger.dispose()
+    assert len(rows) == 1 and rows[0]["status"] == "settled"
+    attempts = [m.value for m in mlflow.get_metric_history(run.info.run_id, "cost_usd")]
+    assert len(attempts) == 2 and all(cost > 0 for cost in attempts)  # the preempted attempt, then the last
+    assert rows[0]["actual_usd"] == pytest.approx(sum(attempts), rel=1e-6)
