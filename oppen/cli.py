@@ -3,11 +3,17 @@
     oppen budgets apply [--file budgets.yaml]   create/update teams and budgets (idempotent)
     oppen budgets list                          budgets with what is used this month
     oppen ledger [--team T] [--experiment E]    the reservations, newest last
+    oppen check                                 prefect.yaml's deployments against the pools file
+    oppen submit NAME [-p k=v] [-j k=v] [--queue Q] [--check-cluster]
+                                                check pool, queue, job variables (and GPU capacity), then run
+    oppen gpus [--spot | --on-demand]           free GPUs per type in the current kube context
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -61,6 +67,55 @@ def _ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from oppen.submit import check_prefect_yaml
+
+    print("\n".join(check_prefect_yaml()))
+    return 0
+
+
+def _pairs(values: list[str] | None) -> dict:
+    """k=v pairs; v is JSON when it parses (numbers, booleans, objects), else a string."""
+    result = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {item!r}")
+        try:
+            result[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            result[key] = raw
+    return result
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from oppen.submit import submit
+
+    flow_run_id, verdict = asyncio.run(submit(args.name, _pairs(args.param), _pairs(args.job_variable), args.queue,
+                                              args.check_cluster))
+    if verdict is not None:
+        print(f"cluster: {verdict.reason}")
+    print(f"flow run {flow_run_id}")
+    return 0
+
+
+def _gpus(args: argparse.Namespace) -> int:
+    from kubernetes_asyncio import client, config
+
+    from work_pools.gpu_capacity import availability, read_cluster
+
+    async def read():
+        await config.load_kube_config()
+        async with client.ApiClient() as api:
+            return await read_cluster(api)
+
+    nodes, _ = asyncio.run(read())
+    print(f"{'gpu type':<28} {'nodes':>5} {'total':>6} {'used':>5} {'free':>5} {'largest free':>12}")
+    for row in availability(nodes, spot=args.spot).values():
+        print(f"{row.gpu_type:<28} {row.nodes:>5} {row.allocatable:>6} {row.used:>5} {row.free:>5} {row.largest_free:>12}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oppen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     rows.add_argument("--team")
     rows.add_argument("--experiment")
     rows.set_defaults(handler=_ledger)
+    commands.add_parser("check", help="check prefect.yaml's deployments against the pools file").set_defaults(handler=_check)
+    run = commands.add_parser("submit", help="check, then run a deployment")
+    run.add_argument("name", help="FLOW/DEPLOYMENT, e.g. train-mnist/gpu")
+    run.add_argument("-p", "--param", action="append", help="flow parameter k=v (v as JSON when it parses)")
+    run.add_argument("-j", "--job-variable", action="append", help="job variable k=v (v as JSON when it parses)")
+    run.add_argument("--queue", help="work queue (default: the deployment's)")
+    run.add_argument("--check-cluster", action="store_true",
+                     help="Kubernetes pool: refuse a request no node or team quota can take (reads the kube context)")
+    run.set_defaults(handler=_submit)
+    gpus = commands.add_parser("gpus", help="free GPUs per type in the current kube context")
+    capacity = gpus.add_mutually_exclusive_group()
+    capacity.add_argument("--spot", dest="spot", action="store_true", default=None)
+    capacity.add_argument("--on-demand", dest="spot", action="store_false")
+    gpus.set_defaults(handler=_gpus)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

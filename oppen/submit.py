@@ -1,0 +1,62 @@
+"""Submit a deployment run after checking it: pool, queue and job variables against the pools
+file, and (for the Kubernetes pool, when asked) GPU capacity and team quota in the cluster.
+
+Nothing is created on the server, and nothing is spent, until every check passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+from work_pools.gpu_capacity import Verdict, judge, read_cluster
+from work_pools.job_variables import check_request
+from work_pools.render import deployment_job_variables, deployment_label, prefect_yaml_deployments
+from work_pools.spec import load_pools
+
+
+def check_prefect_yaml() -> list[str]:
+    """Every deployment of prefect.yaml against the pools file; one line per deployment checked."""
+    pools = load_pools()
+    checked = []
+    for deployment in prefect_yaml_deployments():
+        pool = deployment["work_pool"]
+        queue = pool.get("work_queue_name")
+        label = deployment_label(deployment)
+        try:
+            check_request(pools, pool["name"], queue, deployment_job_variables(deployment))
+        except ValueError as error:
+            raise ValueError(f"{label}: {error}") from None
+        checked.append(f"{label}: pool {pool['name']}, queue {queue}: ok")
+    return checked
+
+
+async def _cluster_verdict(variables: dict[str, Any], template: dict[str, Any]) -> Verdict:
+    from kubernetes_asyncio import client, config
+
+    defaults = {name: spec.get("default") for name, spec in template["variables"]["properties"].items()}
+    effective = defaults | variables
+    await config.load_kube_config()
+    async with client.ApiClient() as api:
+        nodes, quotas = await read_cluster(api)
+    return judge(nodes, quotas, gpu_count=effective["gpu_count"], gpu_type=effective["gpu_type"],
+                 spot=bool(effective["spot"]), namespace=effective["namespace"])
+
+
+async def submit(
+    name: str, parameters: dict[str, Any] | None = None, job_variables: dict[str, Any] | None = None,
+    queue: str | None = None, check_cluster: bool = False,
+) -> tuple[str, Verdict | None]:
+    """Check, then create the flow run (without waiting for it). Returns its id and the cluster verdict."""
+    overrides = job_variables or {}
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name(name)
+    pools = load_pools()
+    variables = (deployment.job_variables or {}) | overrides
+    pool = check_request(pools, deployment.work_pool_name, queue or deployment.work_queue_name, variables)
+    verdict = await _cluster_verdict(variables, pool.template()) if check_cluster and pool.type == "kubernetes" else None
+    flow_run = await run_deployment(name, parameters=parameters or {}, job_variables=overrides,
+                                    work_queue_name=queue, timeout=0, as_subflow=False)
+    return str(flow_run.id), verdict

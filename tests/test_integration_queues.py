@@ -1,0 +1,70 @@
+"""Queue priority and pool limits through a real Prefect server and a real process worker, and
+bad job variables refused before a flow run exists."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from bench.queue_probe import POOL, collect, deploy, max_concurrency, priority_violations, submit, wait_finished, write_pools_file
+from tests.stack import BIN
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def test_urgent_run_starts_next_and_the_pool_limit_holds(stack, tmp_path):
+    pools_file = write_pools_file(tmp_path, pool_limit=1)
+    stack.run(sys.executable, "-m", "work_pools.apply", "--file", str(pools_file))
+    records = tmp_path / "records"
+    records.mkdir()
+
+    async def scenario():
+        async with get_client() as client:
+            deployments = await deploy(client)
+            runs = {}
+            for i in range(4):  # fill background before any worker polls
+                label = f"background-{i}"
+                runs[label] = (await submit(client, deployments["background"], records, label, 1.5), "background")
+            stack.spawn("probe-worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"])
+            deadline = time.monotonic() + 120
+            while not [r for r in [await client.read_flow_run(i) for i, _ in runs.values()] if r.state.is_running()]:
+                assert time.monotonic() < deadline, stack.log("probe-worker")
+                await asyncio.sleep(0.2)
+            runs["urgent"] = (await submit(client, deployments["urgent"], records, "urgent", 0.2), "urgent")
+            await wait_finished(client, [i for i, _ in runs.values()], timeout=300)
+            return await collect(client, runs, records)
+
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        times = asyncio.run(scenario())
+    order = [r.label for r in sorted(times, key=lambda r: r.claimed)]
+    assert order[0].startswith("background") and order[1] == "urgent", order
+    assert max_concurrency(times) == 1, sorted((r.claimed, r.ended, r.label) for r in times)
+    assert priority_violations(times) == []
+
+
+def test_bad_job_variables_are_refused_before_a_flow_run_exists(stack):
+    from oppen.submit import submit as oppen_submit
+    from work_pools.job_variables import JobVariablesError
+
+    async def count_runs():
+        async with get_client() as client:
+            return len(await client.read_flow_runs())
+
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        before = asyncio.run(count_runs())
+        for variables, queue, message in [
+            ({"gpu_count": -1}, None, "gpu_count: -1 is less than the minimum of 1"),
+            ({"priority_class_name": "vip"}, None, "'vip' is not one of"),
+            ({"tolerations": [{"key": "a", "operator": "Sometimes"}]}, None, "'Sometimes' is not one of"),
+            ({}, "urgnet", "unknown queue 'urgnet'"),
+        ]:
+            with pytest.raises(JobVariablesError, match=message):
+                asyncio.run(oppen_submit("train-mnist/gpu", job_variables=variables, queue=queue))
+        with pytest.raises(JobVariablesError, match="unknown queue 'gpu'"):
+            asyncio.run(oppen_submit("train-mnist/local", queue="gpu"))
+        assert asyncio.run(count_runs()) == before
