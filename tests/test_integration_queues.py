@@ -68,3 +68,25 @@ def test_bad_job_variables_are_refused_before_a_flow_run_exists(stack):
         with pytest.raises(JobVariablesError, match="unknown queue 'gpu'"):
             asyncio.run(oppen_submit("train-mnist/local", queue="gpu"))
         assert asyncio.run(count_runs()) == before
+
+
+def test_a_run_holds_one_gpu_slot_per_gpu_and_releases_them(in_process):
+    from prefect import flow
+
+    from tasks.gpu_slots import GPU_SLOTS_LIMIT, hold_gpu_slots
+
+    def active_slots() -> int:
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(GPU_SLOTS_LIMIT).active_slots
+
+    seen = {}
+
+    @flow
+    def holds(gpus: int) -> None:
+        with hold_gpu_slots(gpus):
+            seen[gpus] = active_slots()
+
+    holds(3)
+    holds(0)  # CPU runs take no slot
+    assert seen == {3: 3, 0: 0}
+    assert active_slots() == 0
