@@ -17,6 +17,22 @@ from work_pools.render import deployment_job_variables, deployment_label, prefec
 from work_pools.spec import load_pools
 
 
+def check_priced_as_scheduled(parameters: dict[str, Any], variables: dict[str, Any], template: dict[str, Any]) -> None:
+    """On Kubernetes the pod's GPUs and capacity class must be what the cost engine prices, or a
+    run quoted for 0 GPUs (or on-demand) would hold a GPU (or spot capacity) unbilled."""
+    defaults = {name: spec.get("default") for name, spec in template["variables"]["properties"].items()}
+    pod = defaults | variables
+    cost = (parameters or {}).get("cost") or {}
+    resources = cost.get("resources") or {}
+    priced = (resources.get("gpus", 0), resources.get("gpu_type"), bool(cost.get("spot", False)))
+    scheduled = (pod["gpu_count"], pod["gpu_type"], bool(pod["spot"]))
+    if priced != scheduled:
+        raise ValueError(
+            f"the run is priced as gpus={priced[0]}, gpu_type={priced[1]}, spot={priced[2]} (parameter cost) but its pod "
+            f"asks for gpu_count={scheduled[0]}, gpu_type={scheduled[1]}, spot={scheduled[2]} (job variables); make them agree"
+        )
+
+
 def check_prefect_yaml() -> list[str]:
     """Every deployment of prefect.yaml against the pools file; one line per deployment checked."""
     pools = load_pools()
@@ -26,7 +42,10 @@ def check_prefect_yaml() -> list[str]:
         queue = pool.get("work_queue_name")
         label = deployment_label(deployment)
         try:
-            check_request(pools, pool["name"], queue, deployment_job_variables(deployment))
+            variables = deployment_job_variables(deployment)
+            spec = check_request(pools, pool["name"], queue, variables)
+            if spec.type == "kubernetes":
+                check_priced_as_scheduled(deployment.get("parameters") or {}, variables, spec.template())
         except ValueError as error:
             raise ValueError(f"{label}: {error}") from None
         checked.append(f"{label}: pool {pool['name']}, queue {queue}: ok")
@@ -56,6 +75,8 @@ async def submit(
     pools = load_pools()
     variables = (deployment.job_variables or {}) | overrides
     pool = check_request(pools, deployment.work_pool_name, queue or deployment.work_queue_name, variables)
+    if pool.type == "kubernetes":
+        check_priced_as_scheduled((deployment.parameters or {}) | (parameters or {}), variables, pool.template())
     verdict = await _cluster_verdict(variables, pool.template()) if check_cluster and pool.type == "kubernetes" else None
     flow_run = await run_deployment(name, parameters=parameters or {}, job_variables=overrides,
                                     work_queue_name=queue, timeout=0, as_subflow=False)

@@ -197,3 +197,32 @@ def test_gpu_slots_limit_is_declared():
     assert limit is not None and limit.limit >= 1
     assert GPU_POOL.concurrency_limit and [q.priority for q in GPU_POOL.queues] == [1, 2, 3]
     assert json.loads(TEMPLATE_FILE.read_text())["variables"]["properties"]["gpu_count"]["maximum"] == 16
+
+
+def test_every_deployment_in_prefect_yaml_passes_oppen_check():
+    from oppen.submit import check_prefect_yaml
+
+    lines = check_prefect_yaml()
+    assert len(lines) == len(prefect_yaml_deployments()) and all(line.endswith(": ok") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "parameters, variables, ok",
+    [
+        ({"cost": {"resources": {"gpus": 1, "gpu_type": "NVIDIA-L4"}}}, {}, True),
+        ({"cost": {"resources": {"gpus": 2, "gpu_type": "NVIDIA-L4"}}}, {"gpu_count": 2}, True),
+        ({"cost": {"resources": {"gpus": 1, "gpu_type": "NVIDIA-L4"}, "spot": True}}, {"spot": True}, True),
+        ({}, {}, False),  # priced as a CPU run, scheduled with a GPU
+        ({"cost": {"resources": {"gpus": 1, "gpu_type": "NVIDIA-L4"}}}, {"gpu_count": 4}, False),
+        ({"cost": {"resources": {"gpus": 1, "gpu_type": "NVIDIA-L4"}}}, {"spot": True}, False),
+        ({"cost": {"resources": {"gpus": 1, "gpu_type": "NVIDIA-H100"}}}, {}, False),
+    ],
+)
+def test_a_gpu_run_must_be_priced_as_what_its_pod_holds(parameters, variables, ok):
+    from oppen.submit import check_priced_as_scheduled
+
+    if ok:
+        check_priced_as_scheduled(parameters, variables, TEMPLATE)
+    else:
+        with pytest.raises(ValueError, match="make them agree"):
+            check_priced_as_scheduled(parameters, variables, TEMPLATE)
