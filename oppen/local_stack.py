@@ -158,9 +158,12 @@ class LocalStack:
             ], env, niced=True)
             wait_http(f"http://127.0.0.1:{ports['mlflow']}/health", 120, proc, self.logs / "mlflow.log")
         subprocess.run([sys.executable, "-m", "work_pools.apply"], env=env, cwd=PROJECT_DIR, check=True)
-        subprocess.run([_bin("prefect"), "--no-prompt", "deploy", "--all"], env=env, cwd=PROJECT_DIR, check=True,
+        # The GPU pool's deployments are registered too (no worker serves them here); their image
+        # build step only names the image: `up` must not build or push a multi-GB image each time.
+        deploy_env = env | {"OPPEN_SKIP_IMAGE_BUILD": "1"}
+        subprocess.run([_bin("prefect"), "--no-prompt", "deploy", "--all"], env=deploy_env, cwd=PROJECT_DIR, check=True,
                        stdout=subprocess.DEVNULL)
-        print("deployed prefect.yaml: train-mnist/local, train-lm/local, promote-model/local")
+        print("deployed prefect.yaml: */local on the local pool (and */gpu* for the kubernetes-gpu pool, not served here)")
         if not self._alive("worker"):
             worker_env = env | {"PREFECT_WORKER_QUERY_SECONDS": WORKER_QUERY_SECONDS}
             self._spawn("worker", [_bin("prefect"), "worker", "start", "--pool", "local", "--type", "process",
