@@ -15,12 +15,14 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from oppen.cost.budgets import apply_budgets, load_budgets, open_ledger
-from oppen.cost.ledger import month_of, utcnow
+from oppen.cost.ledger import Ledger, month_of, utcnow
 from oppen.settings import load_settings
 
 
@@ -36,11 +38,19 @@ def _budgets_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _budgets_list(args: argparse.Namespace) -> int:
+@contextmanager
+def _configured_ledger() -> Iterator[Ledger]:
     settings = load_settings()
     ledger = open_ledger(settings.ledger, settings.budgets_file)
-    month = month_of(utcnow())
     try:
+        yield ledger
+    finally:
+        ledger.dispose()
+
+
+def _budgets_list(args: argparse.Namespace) -> int:
+    month = month_of(utcnow())
+    with _configured_ledger() as ledger:
         print(f"{'team':<16} {'experiment':<24} {'period':<8} {'budget $':>12} {'used $':>12} {'used':>6}")
         for team in ledger.team_names():
             for budget in ledger.budgets_of(team):
@@ -49,21 +59,15 @@ def _budgets_list(args: argparse.Namespace) -> int:
                 share = used / budget["amount_usd"]
                 print(f"{team:<16} {budget['experiment'] or '*':<24} {budget['period']:<8} "
                       f"{budget['amount_usd']:>12.4f} {used:>12.6f} {share:>6.1%}")
-    finally:
-        ledger.dispose()
     return 0
 
 
 def _ledger(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    ledger = open_ledger(settings.ledger, settings.budgets_file)
-    try:
+    with _configured_ledger() as ledger:
         for row in ledger.rows(team=args.team, experiment=args.experiment):
             spent = f"{row['actual_usd']:.6f}" if row["actual_usd"] is not None else "-"
             print(f"{row['created_at']:%Y-%m-%d %H:%M} {row['team']:<12} {row['experiment']:<20} {row['status']:<9} "
                   f"quote {row['quote_usd']:.6f} held {row['reserved_usd']:.6f} spent {spent} {row['run_key']}")
-    finally:
-        ledger.dispose()
     return 0
 
 

@@ -12,7 +12,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from work_pools.gpu_capacity import Verdict, judge, read_cluster
-from work_pools.job_variables import check_request
+from work_pools.job_variables import check_request, template_defaults
 from work_pools.render import deployment_job_variables, deployment_label, prefect_yaml_deployments
 from work_pools.spec import load_pools
 
@@ -20,8 +20,7 @@ from work_pools.spec import load_pools
 def check_priced_as_scheduled(parameters: dict[str, Any], variables: dict[str, Any], template: dict[str, Any]) -> None:
     """On Kubernetes the pod's GPUs and capacity class must be what the cost engine prices, or a
     run quoted for 0 GPUs (or on-demand) would hold a GPU (or spot capacity) unbilled."""
-    defaults = {name: spec.get("default") for name, spec in template["variables"]["properties"].items()}
-    pod = defaults | variables
+    pod = template_defaults(template) | variables
     cost = (parameters or {}).get("cost") or {}
     resources = cost.get("resources") or {}
     priced = (resources.get("gpus", 0), resources.get("gpu_type"), bool(cost.get("spot", False)))
@@ -43,9 +42,9 @@ def check_prefect_yaml() -> list[str]:
         label = deployment_label(deployment)
         try:
             variables = deployment_job_variables(deployment)
-            spec = check_request(pools, pool["name"], queue, variables)
+            spec, template = check_request(pools, pool["name"], queue, variables)
             if spec.type == "kubernetes":
-                check_priced_as_scheduled(deployment.get("parameters") or {}, variables, spec.template())
+                check_priced_as_scheduled(deployment.get("parameters") or {}, variables, template)
         except ValueError as error:
             raise ValueError(f"{label}: {error}") from None
         checked.append(f"{label}: pool {pool['name']}, queue {queue}: ok")
@@ -55,8 +54,7 @@ def check_prefect_yaml() -> list[str]:
 async def _cluster_verdict(variables: dict[str, Any], template: dict[str, Any]) -> Verdict:
     from kubernetes_asyncio import client, config
 
-    defaults = {name: spec.get("default") for name, spec in template["variables"]["properties"].items()}
-    effective = defaults | variables
+    effective = template_defaults(template) | variables
     await config.load_kube_config()
     async with client.ApiClient() as api:
         nodes, quotas = await read_cluster(api)
@@ -74,10 +72,10 @@ async def submit(
         deployment = await client.read_deployment_by_name(name)
     pools = load_pools()
     variables = (deployment.job_variables or {}) | overrides
-    pool = check_request(pools, deployment.work_pool_name, queue or deployment.work_queue_name, variables)
+    pool, template = check_request(pools, deployment.work_pool_name, queue or deployment.work_queue_name, variables)
     if pool.type == "kubernetes":
-        check_priced_as_scheduled((deployment.parameters or {}) | (parameters or {}), variables, pool.template())
-    verdict = await _cluster_verdict(variables, pool.template()) if check_cluster and pool.type == "kubernetes" else None
+        check_priced_as_scheduled((deployment.parameters or {}) | (parameters or {}), variables, template)
+    verdict = await _cluster_verdict(variables, template) if check_cluster and pool.type == "kubernetes" else None
     flow_run = await run_deployment(name, parameters=parameters or {}, job_variables=overrides,
                                     work_queue_name=queue, timeout=0, as_subflow=False)
     return str(flow_run.id), verdict

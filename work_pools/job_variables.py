@@ -39,9 +39,14 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"job variable {where}: {error.message}"
 
 
-def check_job_variables(pool: PoolSpec, variables: dict[str, Any]) -> None:
+def template_defaults(template: dict[str, Any]) -> dict[str, Any]:
+    """Each variable's default: what a run gets for the variables it does not set."""
+    return {name: spec.get("default") for name, spec in template["variables"]["properties"].items()}
+
+
+def check_job_variables(pool_name: str, template: dict[str, Any], variables: dict[str, Any]) -> None:
     """Raise JobVariablesError listing every variable that the pool's template would reject."""
-    schema = dict(pool.template()["variables"])
+    schema = dict(template["variables"])
     schema["additionalProperties"] = False  # a misspelt variable would otherwise be ignored silently
     validator = jsonschema.Draft202012Validator(schema)
     problems = sorted(validator.iter_errors(variables), key=lambda e: [str(p) for p in e.absolute_path])
@@ -49,16 +54,16 @@ def check_job_variables(pool: PoolSpec, variables: dict[str, Any]) -> None:
         known = ", ".join(sorted(schema["properties"]))
         lines = [_describe(error) for error in problems]
         if any(error.validator == "additionalProperties" and not error.absolute_path for error in problems):
-            lines.append(f"variables of pool {pool.name!r}: {known}")
+            lines.append(f"variables of pool {pool_name!r}: {known}")
         raise JobVariablesError("\n".join(lines))
 
 
-def check_platform_tolerations(pool: PoolSpec, variables: dict[str, Any]) -> None:
+def check_platform_tolerations(template: dict[str, Any], variables: dict[str, Any]) -> None:
     """A tolerations list replaces the template's default; without the GPU taint's toleration the
     pod would wait Pending forever, so the defaults must stay in it."""
-    if pool.type != "kubernetes" or not isinstance(variables.get("tolerations"), list):
+    if not isinstance(variables.get("tolerations"), list):
         return
-    required = pool.template()["variables"]["properties"].get("tolerations", {}).get("default") or []
+    required = template_defaults(template).get("tolerations") or []
     missing = [toleration for toleration in required if toleration not in variables["tolerations"]]
     if missing:
         raise JobVariablesError(
@@ -66,12 +71,12 @@ def check_platform_tolerations(pool: PoolSpec, variables: dict[str, Any]) -> Non
         )
 
 
-def check_priority_matches_queue(pool: PoolSpec, queue: str | None, variables: dict[str, Any]) -> None:
+def check_priority_matches_queue(template: dict[str, Any], queue: str | None, variables: dict[str, Any]) -> None:
     """On Kubernetes the queue decides when a run starts and the priority class whom it may evict:
     they must agree, or an urgent run admitted first could be the one preempted."""
-    if pool.type != "kubernetes" or queue is None:
+    if queue is None:
         return
-    schema = pool.template()["variables"]["properties"].get("priority_class_name", {})
+    schema = template["variables"]["properties"].get("priority_class_name", {})
     expected = f"oppen-{queue}"
     if expected not in schema.get("enum", []):
         return
@@ -82,10 +87,15 @@ def check_priority_matches_queue(pool: PoolSpec, queue: str | None, variables: d
         )
 
 
-def check_request(pools: PoolsFile, pool_name: str, queue: str | None, variables: dict[str, Any]) -> PoolSpec:
+def check_request(
+    pools: PoolsFile, pool_name: str, queue: str | None, variables: dict[str, Any]
+) -> tuple[PoolSpec, dict[str, Any]]:
+    """Every check for one request; returns the pool and its base job template (read once)."""
     pool = pool_named(pools, pool_name)
     check_queue(pool, queue)
-    check_job_variables(pool, variables)
-    check_platform_tolerations(pool, variables)
-    check_priority_matches_queue(pool, queue, variables)
-    return pool
+    template = pool.template()
+    check_job_variables(pool.name, template, variables)
+    if pool.type == "kubernetes":
+        check_platform_tolerations(template, variables)
+        check_priority_matches_queue(template, queue, variables)
+    return pool, template
