@@ -68,7 +68,6 @@ def metered_run(workload, run: RunConfig, *, book: PriceBook | None = None, cap_
                       expected_epoch_overhead_seconds=expected_epoch_overhead_seconds)
     callbacks = [meter] + ([spot] if spot else [])
     with tempfile.TemporaryDirectory() as checkpoints:
-        run = run.model_copy(update={"checkpoint_dir": Path(checkpoints)})
         started = time.perf_counter()
-        trained = run_through_reclaims(lambda: train(workload, run, callbacks))
+        trained = run_through_reclaims(lambda: train(workload, run, callbacks, checkpoint_dir=Path(checkpoints)))
     return Metered(meter, trained, time.perf_counter() - started, spot)

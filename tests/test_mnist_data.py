@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.mnist.data import ENV_VAR, MEAN, STD, MnistDataError, load_mnist, read_idx, split
+from training.mnist.data import ENV_VAR, FILES, MEAN, STD, MnistDataError, count_local, load_mnist, read_idx, split
 
 
 def test_reads_all_splits(mnist_arrays):
@@ -57,3 +57,61 @@ def test_corrupt_idx_header_is_rejected(tmp_path):
         handle.write(b"\x00\x00\x0d\x01" + b"\x00" * 8)  # element type 0x0d (float) is not MNIST's
     with pytest.raises(MnistDataError, match="unsigned-byte IDX"):
         read_idx(bad)
+
+
+def test_a_truncated_file_names_itself(tmp_path, mnist_dir):
+    name = "t10k-labels-idx1-ubyte.gz"
+    truncated = tmp_path / name
+    truncated.write_bytes((mnist_dir / name).read_bytes()[:2000])
+    with pytest.raises(MnistDataError, match=rf"{truncated} is truncated or corrupt \(EOFError"):
+        read_idx(truncated)
+
+
+def test_a_corrupt_file_names_itself(tmp_path, mnist_dir):
+    name = "t10k-labels-idx1-ubyte.gz"
+    corrupt = tmp_path / name
+    data = bytearray((mnist_dir / name).read_bytes())
+    data[100:200] = bytes(100)  # damage the deflate stream, keep the gzip header
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(MnistDataError, match=rf"{corrupt} is truncated or corrupt"):
+        read_idx(corrupt)
+
+
+def test_a_file_that_is_not_gzip_names_itself(tmp_path):
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(b"<html>not found</html>")
+    with pytest.raises(MnistDataError, match=rf"{bad} is truncated or corrupt \(BadGzipFile"):
+        read_idx(bad)
+
+
+def _copy(mnist_dir, target):
+    target.mkdir()
+    for name in FILES.values():
+        (target / name).write_bytes((mnist_dir / name).read_bytes())
+    return target
+
+
+def test_a_truncated_file_in_a_directory_names_itself(tmp_path, mnist_dir):
+    directory = _copy(mnist_dir, tmp_path / "mnist")
+    labels = directory / FILES["train_labels"]
+    labels.write_bytes(labels.read_bytes()[:-100])
+    with pytest.raises(MnistDataError, match=rf"{labels} is truncated or corrupt"):
+        load_mnist(directory)
+
+
+def test_an_empty_file_names_itself(tmp_path, mnist_dir):
+    directory = _copy(mnist_dir, tmp_path / "mnist")
+    (directory / FILES["test_images"]).write_bytes(b"")
+    with pytest.raises(MnistDataError, match=rf"{directory / FILES['test_images']} is empty"):
+        count_local(directory)
+
+
+def test_count_local_reads_the_counts_from_the_headers(mnist_dir):
+    assert count_local(mnist_dir) == {"train": 60_000, "test": 10_000}
+
+
+def test_count_local_decompresses_only_the_headers(tmp_path, mnist_dir):
+    directory = _copy(mnist_dir, tmp_path / "mnist")
+    images = directory / FILES["train_images"]
+    images.write_bytes(images.read_bytes()[:5000])  # the header survives, the pixels do not
+    assert count_local(directory)["train"] == 60_000

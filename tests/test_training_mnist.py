@@ -5,6 +5,7 @@ import torch
 
 from training.callbacks import Callback
 from training.config import RunConfig
+from training.errors import TrainingRequestError
 from training.loop import CheckpointMismatchError, train
 from training.mnist.data import split
 from training.mnist.workload import MnistConfig, MnistWorkload
@@ -67,22 +68,22 @@ def test_epoch_callbacks_report_metrics_and_throughput(workload):
 
 def test_a_callback_can_stop_the_run_cleanly(workload, tmp_path):
     recorder = Recorder(stop_at=6)
-    run = RunConfig(epochs=1, batch_size=64, learning_rate=5e-3, checkpoint_dir=tmp_path)
-    result = train(workload, run, [recorder]).result
+    run = RunConfig(epochs=1, batch_size=64, learning_rate=5e-3)
+    result = train(workload, run, [recorder], checkpoint_dir=tmp_path).result
     assert result.stopped_early and result.steps == 5  # step 6 never ran
     assert "before step 6" in result.stop_reason
     assert result.checkpoint_path and (tmp_path / "last.pt").exists()
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 5
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)  # the safe loader reads it
+    assert saved["step"] == 5 and saved["reason"].startswith("stopped: asked to stop")
 
 
 def test_resume_reproduces_an_uninterrupted_run_exactly(workload, tmp_path):
-    run = RunConfig(epochs=2, batch_size=128, learning_rate=5e-3, seed=3, checkpoint_dir=tmp_path / "a")
-    uninterrupted = train(workload, run)
+    run = RunConfig(epochs=2, batch_size=128, learning_rate=5e-3, seed=3)
+    uninterrupted = train(workload, run, checkpoint_dir=tmp_path / "a")
     # Stop mid-epoch (step 21 of 2x16), then resume in a fresh call from the checkpoint.
-    interrupted_run = run.model_copy(update={"checkpoint_dir": tmp_path / "b"})
-    first = train(workload, interrupted_run, [Recorder(stop_at=21)])
+    first = train(workload, run, [Recorder(stop_at=21)], checkpoint_dir=tmp_path / "b")
     assert first.result.steps == 20
-    resumed = train(workload, interrupted_run)
+    resumed = train(workload, run, checkpoint_dir=tmp_path / "b")
     assert resumed.result.resumed_from_step == 20 and resumed.result.steps == uninterrupted.result.steps
     for (name, a), b in zip(uninterrupted.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -90,9 +91,23 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(workload, tmp_path):
 
 
 def test_resume_with_another_config_is_refused(workload, tmp_path):
-    train(workload, RunConfig(epochs=1, batch_size=128, learning_rate=5e-3, max_steps=2, checkpoint_dir=tmp_path))
+    train(workload, RunConfig(epochs=1, batch_size=128, learning_rate=5e-3, max_steps=2), checkpoint_dir=tmp_path)
     with pytest.raises(CheckpointMismatchError, match="written by config"):
-        train(workload, RunConfig(epochs=1, batch_size=64, learning_rate=5e-3, max_steps=2, checkpoint_dir=tmp_path))
+        train(workload, RunConfig(epochs=1, batch_size=64, learning_rate=5e-3, max_steps=2), checkpoint_dir=tmp_path)
+
+
+def test_resume_with_other_operational_settings_is_allowed(workload, tmp_path):
+    run = RunConfig(epochs=1, batch_size=128, learning_rate=5e-3, max_steps=4)
+    train(workload, run, [Recorder(stop_at=3)], checkpoint_dir=tmp_path)
+    # Where and how often things happen is not the arithmetic: the checkpoint still fits.
+    moved = run.model_copy(update={"log_every_steps": 1, "checkpoint_subdir": "elsewhere", "checkpoint_every_steps": 1})
+    assert train(workload, moved, checkpoint_dir=tmp_path).result.resumed_from_step == 2
+
+
+def test_a_batch_larger_than_the_split_is_refused_before_training(workload):
+    message = rf"batch_size 4096 is larger than the training split \({SMALL} samples\)"
+    with pytest.raises(TrainingRequestError, match=message):
+        train(workload, RunConfig(batch_size=4096))
 
 
 def test_same_seed_same_result(workload):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from training.config import RunConfig
+from training.errors import TrainingRequestError
 from training.runtime import epoch_generator, select_device
 from training.workload import Workload
 
@@ -27,10 +28,21 @@ class Calibration:
 
 
 def calibrate(workload: Workload, run: RunConfig, steps: int) -> Calibration:
+    workload.check_run(run)
     if run.num_threads:
         torch.set_num_threads(run.num_threads)
     device = select_device(run.device)
     model = workload.build_model().to(device)
+    timings = _time_steps(workload, run, model, device, steps)
+    eval_started = time.perf_counter()
+    workload.evaluate(model, "val", device)
+    return Calibration(timings, time.perf_counter() - eval_started, run.batch_size, str(device))
+
+
+def _time_steps(
+    workload: Workload, run: RunConfig, model: torch.nn.Module, device: torch.device, steps: int
+) -> list[float]:
+    """Seconds of each of up to `steps` training steps after the warm-up."""
     optimizer = workload.make_optimizer(model, run)
     model.train()
     timings: list[float] = []
@@ -48,6 +60,11 @@ def calibrate(workload: Workload, run: RunConfig, steps: int) -> Calibration:
         if index >= WARMUP_STEPS:
             timings.append(now - started)
         started = now
-    eval_started = time.perf_counter()
-    workload.evaluate(model, "val", device)
-    return Calibration(timings, time.perf_counter() - eval_started, run.batch_size, str(device))
+    if not timings:
+        # An epoch no longer than the warm-up leaves nothing to time, so no honest quote can be made.
+        raise TrainingRequestError(
+            f"calibration timed no steps: an epoch of batch_size {run.batch_size} has only "
+            f"{workload.steps_per_epoch(run.batch_size)} steps and the first {WARMUP_STEPS} are warm-up; "
+            "use a smaller batch_size"
+        )
+    return timings

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from training.config import RunConfig
+from training.errors import TrainingRequestError
 
 
 class Workload(abc.ABC):
@@ -49,6 +50,16 @@ class Workload(abc.ABC):
     def metric_baseline(self) -> float | None:
         """The primary metric of an untrained model, for lower-is-better metrics (cost per point gained)."""
         return None
+
+    def check_run(self, run: RunConfig) -> None:
+        """Refuse a run this loaded workload cannot do as asked (`TrainingRequestError`: retrying will not help)."""
+        samples = self.num_train_samples()
+        if run.batch_size > samples:
+            # Otherwise an epoch would round up to one step of fewer samples than asked, and calibration
+            # (which skips warm-up steps) would time nothing.
+            raise TrainingRequestError(
+                f"batch_size {run.batch_size} is larger than the training split ({samples} samples)"
+            )
 
     def steps_per_epoch(self, batch_size: int) -> int:
         # The last partial batch is dropped: equal-sized steps keep per-step cost and timing honest.

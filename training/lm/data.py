@@ -11,13 +11,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.errors import DataError
+
 ENV_VAR = "OPPEN_WIKITEXT_DIR"
 HUB_DATASET, HUB_CONFIG = "wikitext", "wikitext-2-raw-v1"
 _FILE = "wiki.{split}.tokens"
 
 
-class TextDataError(RuntimeError):
-    """WikiText could not be found locally nor downloaded."""
+class TextDataError(DataError):
+    """WikiText is missing, empty or too short for the request (or could not be downloaded)."""
+
+
+def split_file(directory: Path, split: str) -> Path:
+    return Path(directory) / _FILE.format(split=split)
 
 
 @dataclass(frozen=True)
@@ -32,9 +38,15 @@ class LmTexts:
     def is_local(self) -> bool:
         return not self.source.startswith("hf:")
 
+    def origin(self, split: str) -> str:
+        """Where a split's text came from, for messages: its file, or the hub dataset and split."""
+        if self.is_local:
+            return str(split_file(Path(self.source), split))
+        return f"{self.source} ({split} split)"
+
 
 def _pick_local_splits(directory: Path) -> tuple[str, str]:
-    present = {split for split in ("train", "valid", "test") if (directory / _FILE.format(split=split)).is_file()}
+    present = {split for split in ("train", "valid", "test") if split_file(directory, split).is_file()}
     if {"train", "valid"} <= present:
         return "train", "valid"
     if {"valid", "test"} <= present:
@@ -45,12 +57,22 @@ def _pick_local_splits(directory: Path) -> tuple[str, str]:
     )
 
 
-def read_local(directory: Path) -> LmTexts:
+def local_splits(directory: Path) -> tuple[str, str]:
+    """(train split, eval split) of a local copy; both files must exist and hold something."""
     directory = Path(directory)
     if not directory.is_dir():
         raise TextDataError(f"WikiText directory {directory} does not exist")
-    train_split, eval_split = _pick_local_splits(directory)
-    read = lambda split: (directory / _FILE.format(split=split)).read_text(encoding="utf-8")  # noqa: E731
+    splits = _pick_local_splits(directory)
+    for split in splits:
+        if split_file(directory, split).stat().st_size == 0:
+            raise TextDataError(f"{split_file(directory, split)} is empty")
+    return splits
+
+
+def read_local(directory: Path) -> LmTexts:
+    directory = Path(directory)
+    train_split, eval_split = local_splits(directory)
+    read = lambda split: split_file(directory, split).read_text(encoding="utf-8")  # noqa: E731
     return LmTexts(read(train_split), read(eval_split), train_split, eval_split, str(directory.resolve()))
 
 
@@ -62,11 +84,17 @@ def download() -> LmTexts:
     return LmTexts(join("train"), join("validation"), "train", "validation", f"hf:{HUB_DATASET}/{HUB_CONFIG}")
 
 
+def local_directory(data_dir: Path | None = None) -> Path | None:
+    """The local copy to read: the argument, else $OPPEN_WIKITEXT_DIR; None means download."""
+    local = data_dir or os.environ.get(ENV_VAR)
+    return Path(local) if local else None
+
+
 def load_wikitext(data_dir: Path | None = None) -> LmTexts:
     """Local copy when one is given (argument, then $OPPEN_WIKITEXT_DIR), else a download."""
-    local = data_dir or os.environ.get(ENV_VAR)
-    if local:
-        return read_local(Path(local))
+    local = local_directory(data_dir)
+    if local is not None:
+        return read_local(local)
     try:
         return download()
     except Exception as error:  # offline, hub unreachable: one clear message either way

@@ -12,11 +12,14 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from training.errors import DataError
 
 ENV_VAR = "OPPEN_MNIST_DIR"
 HUB_DATASET = "ylecun/mnist"
@@ -29,10 +32,11 @@ FILES = {
 # The published MNIST training-set statistics; normalising with them is what the reference did.
 MEAN, STD = 0.1307, 0.3081
 _IDX_DTYPE = 0x08  # unsigned byte, the only element type MNIST uses
+_MAX_HEADER = 4 + 4 * 255  # a 4-byte magic, then one 4-byte size per dimension (at most 255)
 
 
-class MnistDataError(RuntimeError):
-    """MNIST could not be found locally nor downloaded."""
+class MnistDataError(DataError):
+    """MNIST is missing, unreadable or too small for the request (or could not be downloaded)."""
 
 
 @dataclass(frozen=True)
@@ -59,31 +63,75 @@ class MnistSplits:
     source: str
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read one gzip-compressed IDX file (the format of the original MNIST distribution)."""
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
+def _read_gzip(path: Path, size: int = -1) -> bytes:
+    """The first `size` decompressed bytes of `path` (all with -1); a damaged file is a `MnistDataError`."""
+    with open(path, "rb") as raw:  # opened outside the try: a missing or unreadable file is not a damaged one
+        try:
+            with gzip.GzipFile(fileobj=raw) as handle:
+                return handle.read(size)
+        except (EOFError, zlib.error, OSError) as error:  # gzip.BadGzipFile is an OSError
+            raise MnistDataError(
+                f"{path} is truncated or corrupt ({type(error).__name__}: {error}); replace it with a fresh copy"
+            ) from error
+
+
+def _parse_header(path: Path, data: bytes) -> tuple[tuple[int, ...], int]:
+    """(shape, offset of the first value) from an IDX header."""
+    if len(data) < 4:
+        raise MnistDataError(f"{path} is truncated: {len(data)} bytes, shorter than an IDX header")
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != _IDX_DTYPE:
         raise MnistDataError(f"{path} is not an unsigned-byte IDX file (header {data[:4].hex()})")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise MnistDataError(f"{path} is truncated: its header promises {ndim} dimensions, the file ends first")
+    return struct.unpack(f">{ndim}I", data[4:offset]), offset
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one gzip-compressed IDX file (the format of the original MNIST distribution)."""
+    data = _read_gzip(path)
+    shape, offset = _parse_header(path, data)
+    array = np.frombuffer(data, dtype=np.uint8, offset=offset)
     if array.size != int(np.prod(shape)):
         raise MnistDataError(f"{path} holds {array.size} values, its header promises {shape}")
     return array.reshape(shape)
 
 
-def read_local(directory: Path) -> MnistArrays:
-    directory = Path(directory)
+def _require_files(directory: Path) -> None:
     if not directory.is_dir():
         raise MnistDataError(f"MNIST data directory {directory} does not exist")
     missing = [name for name in FILES.values() if not (directory / name).is_file()]
     if missing:
         raise MnistDataError(f"MNIST data directory {directory} lacks {', '.join(missing)}")
+    for name in FILES.values():
+        if (directory / name).stat().st_size == 0:
+            raise MnistDataError(f"{directory / name} is empty")
+
+
+def _check_pairs(lengths: dict[str, int], directory: Path) -> None:
+    for split_name in ("train", "test"):
+        if lengths[f"{split_name}_images"] != lengths[f"{split_name}_labels"]:
+            raise MnistDataError(f"{split_name} images and labels in {directory} differ in length")
+
+
+def count_local(directory: Path) -> dict[str, int]:
+    """Images per split, {"train": n, "test": n}, read from the IDX headers alone (cheap: no full decompress)."""
+    directory = Path(directory)
+    _require_files(directory)
+    counts = {}
+    for key, name in FILES.items():
+        shape, _ = _parse_header(directory / name, _read_gzip(directory / name, _MAX_HEADER))
+        counts[key] = shape[0]  # the first dimension is the number of items, images and labels alike
+    _check_pairs(counts, directory)
+    return {"train": counts["train_images"], "test": counts["test_images"]}
+
+
+def read_local(directory: Path) -> MnistArrays:
+    directory = Path(directory)
+    _require_files(directory)
     arrays = {key: read_idx(directory / name) for key, name in FILES.items()}
-    for split in ("train", "test"):
-        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
-            raise MnistDataError(f"{split} images and labels in {directory} differ in length")
+    _check_pairs({key: len(value) for key, value in arrays.items()}, directory)
     return MnistArrays(
         **{key: (value.astype(np.int64) if "labels" in key else value) for key, value in arrays.items()},
         source=str(directory.resolve()),
@@ -105,11 +153,17 @@ def download(cache_dir: Path | None = None) -> MnistArrays:
     return MnistArrays(train_images, train_labels, test_images, test_labels, source=f"hf:{HUB_DATASET}")
 
 
+def local_directory(data_dir: Path | None = None) -> Path | None:
+    """The local copy to read: the argument, else $OPPEN_MNIST_DIR; None means download."""
+    local = data_dir or os.environ.get(ENV_VAR)
+    return Path(local) if local else None
+
+
 def load_mnist(data_dir: Path | None = None, allow_download: bool = True) -> MnistArrays:
     """Local copy when one is given (argument, then $OPPEN_MNIST_DIR), else a download."""
-    local = data_dir or os.environ.get(ENV_VAR)
-    if local:
-        return read_local(Path(local))
+    local = local_directory(data_dir)
+    if local is not None:
+        return read_local(local)
     if not allow_download:
         raise MnistDataError(f"no MNIST directory given: pass data_dir or set {ENV_VAR}")
     try:

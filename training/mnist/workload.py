@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +13,8 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from training.config import DataDir, FrozenConfig, RunConfig
-from training.mnist.data import MnistSplits, load_mnist, split
+from training.errors import TrainingRequestError
+from training.mnist.data import FILES, MnistSplits, count_local, load_mnist, local_directory, split
 from training.mnist.models import MnistModelName, build_mnist_model
 from training.results import EvalResult
 from training.workload import Workload
@@ -27,8 +29,9 @@ class MnistConfig(FrozenConfig):
     data_dir: DataDir = Field(
         None, description="Directory with the four IDX .gz files; None: $OPPEN_MNIST_DIR, else download."
     )
-    val_size: PositiveInt = Field(5000, description="Training images held out for validation.")
-
+    val_size: PositiveInt = Field(
+        5000, le=59_999, description="Training images held out for validation (MNIST has 60,000; one must stay)."
+    )
 
 
 class MnistWorkload(Workload):
@@ -43,6 +46,29 @@ class MnistWorkload(Workload):
     @classmethod
     def load(cls, config: MnistConfig, seed: int = 0) -> MnistWorkload:
         return cls(config, split(load_mnist(config.data_dir), config.val_size, seed))
+
+    @classmethod
+    def check_request(cls, config: MnistConfig, run: RunConfig, data_dir: Path | None = None) -> None:
+        """Refuse, before the expensive load, a request the local files cannot serve (reads only their headers).
+
+        `data_dir` overrides `config.data_dir`; with neither and no $OPPEN_MNIST_DIR the data is downloaded
+        at load time, so there is nothing local to check yet.
+        """
+        directory = local_directory(data_dir or config.data_dir)
+        if directory is None:
+            return
+        n_train = count_local(directory)["train"]
+        images = directory / FILES["train_images"]
+        if config.val_size >= n_train:
+            raise TrainingRequestError(
+                f"val_size {config.val_size} leaves no training images: {images} holds {n_train}"
+            )
+        train_size = n_train - config.val_size
+        if run.batch_size > train_size:
+            raise TrainingRequestError(
+                f"batch_size {run.batch_size} is larger than the training split ({train_size} samples: "
+                f"{n_train} in {images} less val_size {config.val_size})"
+            )
 
     def config_dict(self) -> dict[str, Any]:
         return {"model": self.config.model, "val_size": self.config.val_size}
