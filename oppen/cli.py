@@ -2,7 +2,8 @@
 
     oppen budgets apply [--file budgets.yaml]   create/update teams and budgets (idempotent)
     oppen budgets list                          budgets with what is used this month
-    oppen ledger [--team T] [--experiment E]    the reservations, newest last
+    oppen ledger [--team T] [--experiment E]    runs with what they held and spent, newest last
+    oppen reconcile [--no-expire]               book settlements the ledger missed; charge expired holds
     oppen check                                 prefect.yaml's deployments against the pools file
     oppen submit NAME [-p k=v] [-j k=v] [--queue Q] [--check-cluster]
                                                 check pool, queue, job variables (and GPU capacity), then run
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 
 from oppen.cost.budgets import apply_budgets, load_budgets, open_ledger
 from oppen.cost.ledger import Ledger, month_of, utcnow
+from oppen.cost.money import format_usd
 from oppen.settings import load_settings
 
 
@@ -51,24 +53,40 @@ def _configured_ledger() -> Iterator[Ledger]:
 def _budgets_list(args: argparse.Namespace) -> int:
     month = month_of(utcnow())
     with _configured_ledger() as ledger:
-        print(f"{'team':<16} {'experiment':<24} {'period':<8} {'budget $':>12} {'used $':>12} {'used':>6}")
+        print(f"{'team':<16} {'experiment':<24} {'period':<8} {'budget':>14} {'spent':>14} {'held':>12} {'used':>6}")
         for team in ledger.team_names():
             for budget in ledger.budgets_of(team):
-                used = ledger.used_usd(team, budget["experiment"] or None,
-                                       month if budget["period"] == "monthly" else None)
-                share = used / budget["amount_usd"]
+                spent, held = ledger.usage(team, budget["experiment"] or None,
+                                           month if budget["period"] == "monthly" else None)
+                share = (spent + held) / budget["amount_micros"]
                 print(f"{team:<16} {budget['experiment'] or '*':<24} {budget['period']:<8} "
-                      f"{budget['amount_usd']:>12.4f} {used:>12.6f} {share:>6.1%}")
+                      f"{format_usd(budget['amount_micros']):>14} {format_usd(spent):>14} {format_usd(held):>12} "
+                      f"{share:>6.1%}")
     return 0
 
 
 def _ledger(args: argparse.Namespace) -> int:
     with _configured_ledger() as ledger:
         for row in ledger.rows(team=args.team, experiment=args.experiment):
-            spent = f"{row['actual_usd']:.6f}" if row["actual_usd"] is not None else "-"
             print(f"{row['created_at']:%Y-%m-%d %H:%M} {row['team']:<12} {row['experiment']:<20} {row['status']:<9} "
-                  f"quote {row['quote_usd']:.6f} held {row['reserved_usd']:.6f} spent {spent} {row['run_key']}")
+                  f"quote {format_usd(row['quote_micros'])} held {format_usd(row['held_micros'])} "
+                  f"spent {format_usd(row['spent_micros'])} in {row['attempts']} attempt(s) {row['run_key']}")
     return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from oppen.cost.journal import SettlementJournal
+    from oppen.cost.reconcile import reconcile
+
+    journal = SettlementJournal(load_settings().journal_dir())
+    with _configured_ledger() as ledger:
+        results = reconcile(ledger, journal, expire=not args.no_expire)
+    for item in results:
+        amount = format_usd(item.cost_micros) if item.cost_micros is not None else "-"
+        print(f"{item.outcome:<16} {amount:>12} {item.run_key} {item.attempt_id} {item.detail}".rstrip())
+    if not results:
+        print(f"nothing to reconcile (journal {journal.directory})")
+    return 1 if any(item.outcome in ("refused", "unreadable") for item in results) else 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -132,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     rows.add_argument("--team")
     rows.add_argument("--experiment")
     rows.set_defaults(handler=_ledger)
+    settle = commands.add_parser("reconcile", help="book journalled settlements; charge holds past their expiry")
+    settle.add_argument("--no-expire", action="store_true", help="only book the journal; leave expired holds alone")
+    settle.set_defaults(handler=_reconcile)
     commands.add_parser("check", help="check prefect.yaml's deployments against the pools file").set_defaults(handler=_check)
     run = commands.add_parser("submit", help="check, then run a deployment")
     run.add_argument("name", help="FLOW/DEPLOYMENT, e.g. train-mnist/gpu")

@@ -29,6 +29,10 @@ class OppenSettings(BaseSettings):
     )
     budgets_file: Path | None = Field(None, description="Teams and budgets applied to an empty ledger; None: the shipped file.")
     price_book: Path | None = Field(None, description="Price book YAML; None: $OPPEN_PRICE_BOOK, else the shipped one.")
+    settlement_journal: Path | None = Field(
+        None, description="Where settlements wait when the ledger is down; None: .settlements under the checkpoint "
+        "root (on Kubernetes, the checkpoint volume, so they outlive the pod).",
+    )
 
     @cached_property
     def tracking_uri(self) -> str:
@@ -63,8 +67,19 @@ class OppenSettings(BaseSettings):
     def reports_dir(self) -> Path:
         return (self.home / "reports").resolve()
 
+    def checkpoint_base(self) -> Path:
+        return Path(self.checkpoint_root or self.home / "checkpoints").resolve()
+
     def checkpoint_dir_for(self, *parts: str) -> Path:
-        return Path(self.checkpoint_root or self.home / "checkpoints").joinpath(*parts).resolve()
+        """A directory under the checkpoint root; a part that would lead outside it is refused."""
+        base = self.checkpoint_base()
+        target = base.joinpath(*parts).resolve()
+        if not target.is_relative_to(base):
+            raise ValueError(f"checkpoint directory {'/'.join(parts)!r} leads outside the checkpoint root {base}")
+        return target
+
+    def journal_dir(self) -> Path:
+        return Path(self.settlement_journal or self.checkpoint_base() / ".settlements").resolve()
 
 
 def load_settings() -> OppenSettings:

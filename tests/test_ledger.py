@@ -1,4 +1,4 @@
-"""The budget ledger on SQLite and PostgreSQL: budgets, atomic reservations, settlement, concurrency."""
+"""The budget ledger on SQLite and PostgreSQL: exact budgets, atomic holds and top-ups, settlement once per attempt."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from decimal import Decimal
 from sqlalchemy import create_engine, text
 
 from oppen.cost.budgets import BudgetsFile, apply_budgets, load_budgets, open_ledger
 from oppen.cost.ledger import Ledger, LedgerError, UnknownTeamError
+from oppen.cost.ledger_schema import metadata
+from oppen.cost.money import to_micros
 
 PG_ENV = "OPPEN_TEST_POSTGRES_URL"
 
@@ -45,23 +48,54 @@ def _ledger(url: str, amount: float = 1.0, period: str = "total", experiment_amo
     return ledger
 
 
-def _reserve(ledger: Ledger, key: str, usd: float, experiment: str = "mnist", **kw):
-    return ledger.reserve(team="ml", experiment=experiment, run_key=key, quote_usd=usd, reserve_usd=usd,
-                          hold_for=timedelta(hours=1), **kw)
+def _reserve(ledger: Ledger, key: str, usd: float, experiment: str = "mnist", attempt: str | None = None, **kw):
+    micros = to_micros(usd)
+    return ledger.reserve(team="ml", experiment=experiment, run_key=key, attempt_id=attempt or f"{key}#1",
+                          quote_micros=micros, hold_micros=micros, hold_for=timedelta(hours=1), **kw)
+
+
+def _settle(ledger: Ledger, attempt_id: str, usd: float, status: str = "settled", month: str = "2026-11", **kw):
+    return ledger.settle(attempt_id, charges_by_month={month: to_micros(usd)}, status=status, **kw)
 
 
 def test_reserve_settle_and_refuse(ledger_url):
     ledger = _ledger(ledger_url, amount=1.0)
     first = _reserve(ledger, "run-1", 0.6)
-    assert first.accepted and first.reserved_usd == 0.6 and first.headroom_usd == pytest.approx(1.0)
+    assert first.accepted and first.held_micros == 600_000 and first.attempt_number == 1 and not first.reused
     refused = _reserve(ledger, "run-2", 0.5)  # 0.6 held + 0.5 > 1.0
     assert not refused.accepted and "over budget" in refused.reason and "team ml" in refused.reason
-    ledger.settle(first.id, actual_usd=0.3)  # releases the hold, charges what was spent
-    assert ledger.used_usd("ml") == pytest.approx(0.3)
-    second = _reserve(ledger, "run-2", 0.5)  # a retry of a refused run is decided afresh
-    assert second.accepted
+    settled = _settle(ledger, first.attempt_id, 0.3)  # releases the hold, charges what was spent
+    assert settled.cost_micros == settled.run_spent_micros == 300_000 and not settled.replayed
+    assert ledger.usage("ml") == (300_000, 0)
+    second = _reserve(ledger, "run-2", 0.5, attempt="run-2#2")  # a retry of a refused run is decided afresh
+    assert second.accepted and second.attempt_number == 2
     statuses = {row["run_key"]: row["status"] for row in ledger.rows(team="ml")}
     assert statuses == {"run-1": "settled", "run-2": "reserved"}
+    ledger.dispose()
+
+
+def test_money_is_exact_integer_micro_dollars(ledger_url):
+    """A tenth of a cent, a thousand times: floats drift, integers do not."""
+    ledger = _ledger(ledger_url, amount=10.0)
+    for index in range(50):
+        held = _reserve(ledger, f"r{index}", 0.001)
+        _settle(ledger, held.attempt_id, 0.0001 * 3)  # 0.0003 is not exact in binary floating point
+    spent, held = ledger.usage("ml")
+    assert spent == 50 * 300 and held == 0
+    assert sum(row["actual_usd"] for row in ledger.rows(team="ml")) == Decimal("0.015")
+    ledger.dispose()
+
+
+def test_settling_twice_or_retrying_a_settle_charges_once(ledger_url):
+    ledger = _ledger(ledger_url, amount=1.0)
+    held = _reserve(ledger, "run", 0.5)
+    first = _settle(ledger, held.attempt_id, 0.2)
+    again = _settle(ledger, held.attempt_id, 0.2)
+    different = _settle(ledger, held.attempt_id, 0.4, status="preempted")  # a SIGTERM's late second settle
+    assert (again.replayed, different.replayed) == (True, True)
+    assert again.cost_micros == different.cost_micros == first.cost_micros == 200_000
+    assert ledger.usage("ml") == (200_000, 0)
+    assert _reserve(ledger, "run", 0.5) == _reserve(ledger, "run", 0.5)  # a retried reserve is the same attempt
     ledger.dispose()
 
 
@@ -81,38 +115,75 @@ def test_warning_fraction_is_reported(ledger_url):
     ledger.dispose()
 
 
-def test_monthly_budgets_reset_each_calendar_month(ledger_url):
+def test_each_attempt_is_booked_to_the_month_it_ran_in(ledger_url):
     ledger = _ledger(ledger_url, amount=1.0, period="monthly")
     october = datetime(2026, 10, 31, 23, 0, tzinfo=timezone.utc)
     held = _reserve(ledger, "oct", 0.9, now=october)
-    ledger.settle(held.id, actual_usd=0.9, now=october)
-    assert not _reserve(ledger, "oct-2", 0.2, now=october + timedelta(minutes=10)).accepted
-    assert _reserve(ledger, "nov", 0.9, now=datetime(2026, 11, 1, 0, 5, tzinfo=timezone.utc)).accepted
+    ledger.settle(held.attempt_id, charges_by_month={"2026-10": 600_000, "2026-11": 300_000}, now=october)
+    assert not _reserve(ledger, "oct-2", 0.5, now=october + timedelta(minutes=10)).accepted  # 0.6 + 0.5 > 1
+    november = datetime(2026, 11, 1, 0, 5, tzinfo=timezone.utc)
+    assert _reserve(ledger, "nov", 0.7, now=november).accepted  # November already carries 0.3 of the run
+    assert not _reserve(ledger, "nov-2", 0.01, now=november).accepted
+    assert ledger.usage("ml", month="2026-10")[0] == 600_000
     ledger.dispose()
 
 
-def test_rescheduled_run_gets_its_reservation_back_and_adds_its_spend(ledger_url):
+def test_a_rescheduled_run_reserves_again_within_what_its_cap_has_left(ledger_url):
     ledger = _ledger(ledger_url, amount=1.0)
-    first = _reserve(ledger, "flow-run-1", 0.5)
-    again = _reserve(ledger, "flow-run-1", 0.5)
-    assert again.reused and again.id == first.id and again.accepted
-    ledger.settle(first.id, actual_usd=0.2, status="failed", reason="SIGTERM (preempted)")
-    resumed = _reserve(ledger, "flow-run-1", 0.5)
-    assert resumed.reused and resumed.accepted
-    ledger.settle(resumed.id, actual_usd=0.25)
-    assert ledger.get(first.id)["actual_usd"] == pytest.approx(0.45)
+    cap = to_micros(0.5)
+    first = _reserve(ledger, "flow-run-1", 0.4, cap_micros=cap)
+    _settle(ledger, first.attempt_id, 0.3, status="preempted")
+    resumed = _reserve(ledger, "flow-run-1", 0.4, attempt="flow-run-1#2", cap_micros=cap)
+    assert resumed.reused and resumed.accepted and resumed.attempt_number == 2
+    assert resumed.prior_micros == 300_000 and resumed.held_micros == 200_000  # min(p90, cap - spent)
+    assert resumed.budgets and resumed.budgets[0].used_micros == 300_000  # checked against the budgets again
+    _settle(ledger, resumed.attempt_id, 0.2)
+    [row] = ledger.rows(team="ml")
+    assert (row["spent_micros"], row["attempts"], row["status"]) == (500_000, 2, "settled")
+    exhausted = _reserve(ledger, "flow-run-1", 0.4, attempt="flow-run-1#3", cap_micros=cap)
+    assert not exhausted.accepted and "already spent by its earlier attempts" in exhausted.reason
     ledger.dispose()
 
 
-def test_stale_reservation_of_a_crashed_run_expires(ledger_url):
+def test_a_reused_reservation_is_checked_against_the_budgets_again(ledger_url):
+    ledger = _ledger(ledger_url, amount=1.0)
+    first = _reserve(ledger, "long", 0.5)
+    _settle(ledger, first.attempt_id, 0.5, status="preempted")
+    other = _reserve(ledger, "other", 0.45)
+    assert other.accepted
+    again = _reserve(ledger, "long", 0.5, attempt="long#2")
+    assert not again.accepted and "over budget" in again.reason  # 0.5 spent + 0.45 held + 0.5 > 1.0
+    ledger.dispose()
+
+
+def test_top_up_is_atomic_against_budgets_and_the_run_cap(ledger_url):
+    ledger = _ledger(ledger_url, amount=1.0)
+    a = _reserve(ledger, "a", 0.3, cap_micros=to_micros(0.6))
+    b = _reserve(ledger, "b", 0.3)
+    grant = ledger.extend(a.attempt_id, to_micros(0.9))
+    assert grant.held_micros == 600_000 and grant.limited_by == "run cap"
+    grant = ledger.extend(b.attempt_id, to_micros(0.9))
+    assert grant.held_micros == 400_000 and grant.limited_by == "team ml"  # 1.0 - 0.6 held by a
+    assert ledger.used_micros("ml") == 1_000_000
+    assert ledger.extend(b.attempt_id, to_micros(0.5)).added_micros == 0
+    _settle(ledger, a.attempt_id, 0.1)
+    assert ledger.extend(b.attempt_id, to_micros(0.5)).held_micros == 500_000
+    ledger.dispose()
+
+
+def test_an_expired_hold_is_charged_and_a_late_settle_replaces_that_charge(ledger_url):
     ledger = _ledger(ledger_url, amount=1.0)
     start = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
-    crashed = ledger.reserve(team="ml", experiment="x", run_key="crashed", quote_usd=0.4, reserve_usd=0.4,
-                             hold_for=timedelta(minutes=30), now=start)
+    crashed = ledger.reserve(team="ml", experiment="x", run_key="crashed", attempt_id="c#1", quote_micros=400_000,
+                             hold_micros=400_000, hold_for=timedelta(minutes=30), now=start)
     later = _reserve(ledger, "later", 0.5, now=start + timedelta(hours=1))
     assert later.accepted
-    row = ledger.get(crashed.id)
-    assert row["status"] == "expired" and row["actual_usd"] == pytest.approx(0.4)
+    assert ledger.attempt(crashed.attempt_id)["status"] == "expired"
+    assert ledger.usage("ml")[0] == 400_000  # charged its hold
+    late = ledger.settle(crashed.attempt_id, charges_by_month={"2026-11": 120_000})
+    assert late.replaced_expiry_micros == 400_000 and late.cost_micros == 120_000 and not late.replayed
+    assert ledger.usage("ml")[0] == 120_000  # replaced, not added
+    assert ledger.settle(crashed.attempt_id, charges_by_month={"2026-11": 120_000}).replayed
     ledger.dispose()
 
 
@@ -131,9 +202,8 @@ def test_twenty_concurrent_reservations_never_overspend(ledger_url):
     with ThreadPoolExecutor(max_workers=20) as pool:
         outcomes = list(pool.map(attempt, range(20)))
     ledger = Ledger(ledger_url)
-    held = ledger.used_usd("ml")
     assert sum(outcomes) == 8
-    assert held == pytest.approx(0.96) and held <= 1.0
+    assert ledger.used_micros("ml") == 960_000
     assert sum(row["status"] == "refused" for row in ledger.rows(team="ml")) == 12
     ledger.dispose()
 
@@ -141,13 +211,58 @@ def test_twenty_concurrent_reservations_never_overspend(ledger_url):
 def test_unknown_team_and_bad_amounts_are_rejected(ledger_url):
     ledger = _ledger(ledger_url)
     with pytest.raises(UnknownTeamError, match="unknown team 'nobody'.*known: ml"):
-        ledger.reserve(team="nobody", experiment="x", run_key="k", quote_usd=0.1, reserve_usd=0.1,
+        ledger.reserve(team="nobody", experiment="x", run_key="k", attempt_id="k#1", quote_micros=1, hold_micros=1,
                        hold_for=timedelta(hours=1))
-    with pytest.raises(LedgerError, match="must be positive"):
+    with pytest.raises(LedgerError, match="never negative"):
         ledger.set_budget("ml", -5.0, "total")
-    with pytest.raises(LedgerError, match="cannot reserve"):
-        _reserve(ledger, "nan", float("nan"))
+    with pytest.raises(LedgerError, match="finite"):
+        ledger.set_budget("ml", float("inf"), "total")
+    with pytest.raises(LedgerError, match="whole micro-dollars"):
+        ledger.reserve(team="ml", experiment="x", run_key="k", attempt_id="k#1", quote_micros=1, hold_micros=0.5,
+                       hold_for=timedelta(hours=1))
+    held = _reserve(ledger, "k", 0.1)
+    with pytest.raises(LedgerError, match="YYYY-MM"):
+        ledger.settle(held.attempt_id, charges_by_month={"November": 5})
+    with pytest.raises(LedgerError, match="no attempt"):
+        ledger.settle("nope", charges_by_month={})
+    refused = ledger.refuse(team="ml", experiment="x", run_key="r", attempt_id="r#1", reason="budget exhausted")
+    with pytest.raises(LedgerError, match="was refused"):
+        ledger.settle(refused.attempt_id, charges_by_month={})
     ledger.dispose()
+
+
+def test_an_absurd_hold_duration_is_clamped_not_an_overflow(ledger_url):
+    ledger = _ledger(ledger_url)
+    held = ledger.reserve(team="ml", experiment="x", run_key="k", attempt_id="k#1", quote_micros=1, hold_micros=1,
+                          hold_for=timedelta(days=999_999))
+    assert held.accepted
+    ledger.dispose()
+
+
+def test_a_v1_ledger_is_migrated_once_with_every_amount_exact(tmp_path):
+    url = f"sqlite:///{tmp_path / 'v1.db'}"
+    engine = create_engine(url)
+    with engine.begin() as c:
+        c.execute(text("CREATE TABLE oppen_teams (name VARCHAR(63) PRIMARY KEY, created_at DATETIME NOT NULL)"))
+        c.execute(text("CREATE TABLE oppen_budgets (team VARCHAR(63), experiment VARCHAR(255), amount_usd FLOAT, "
+                       "period VARCHAR(16), updated_at DATETIME)"))
+        c.execute(text("CREATE TABLE oppen_reservations (id VARCHAR(36) PRIMARY KEY, run_key VARCHAR(255), team VARCHAR(63), "
+                       "experiment VARCHAR(255), workload VARCHAR(63), month VARCHAR(7), quote_usd FLOAT, "
+                       "reserved_usd FLOAT, actual_usd FLOAT, status VARCHAR(16), reason TEXT, mlflow_run_id VARCHAR(64), "
+                       "created_at DATETIME, expires_at DATETIME, settled_at DATETIME, detail TEXT)"))
+        c.execute(text("INSERT INTO oppen_teams VALUES ('ml', '2026-10-01 00:00:00')"))
+        c.execute(text("INSERT INTO oppen_budgets VALUES ('ml', '', 1.0, 'total', '2026-10-01 00:00:00')"))
+        c.execute(text("INSERT INTO oppen_reservations VALUES ('r1', 'old-run', 'ml', 'mnist', 'mnist', '2026-10', "
+                       "0.0003, 0.0, 0.00029149999, 'settled', NULL, 'm1', '2026-10-02 00:00:00', "
+                       "'2026-10-02 02:00:00', '2026-10-02 00:01:00', NULL)"))
+    engine.dispose()
+    for _ in range(2):  # the second open finds the migration done
+        ledger = Ledger(url)
+        ledger.create_schema()
+        [row] = ledger.rows(team="ml")
+        assert (row["run_key"], row["spent_micros"], row["status"]) == ("old-run", 291, "settled")
+        assert ledger.budgets_of("ml")[0]["amount_micros"] == 1_000_000
+        ledger.dispose()
 
 
 def test_apply_is_idempotent_and_open_ledger_seeds_the_shipped_file(tmp_path):
