@@ -87,7 +87,7 @@ def cost_report(request: ReportRequest = ReportRequest()) -> CostReport:
     frame.to_csv(csv_path, index=False)
     table = frame.assign(created_at=frame["created_at"].astype(str)).round(8).to_dict(orient="records")
     create_table_artifact(table, key="cost-report-runs", description=f"runs {since:%Y-%m-%d}..{until:%Y-%m-%d}")
-    total = float(frame["actual_usd"].sum()) if not frame.empty else 0.0
+    total = int(frame["actual_micros"].sum()) / 1_000_000 if not frame.empty else 0.0
     lines = [
         f"# Cost report: {scope}, {since:%Y-%m-%d} to {until - timedelta(days=1):%Y-%m-%d}",
         "",

@@ -1,171 +1,240 @@
-"""The stages every training flow shares, wrapped by the cost engine:
+"""The stages every training flow shares, wrapped by the cost engine.
 
-check → open MLflow run → load → quote → reserve → train (metered, capped) → evaluate → log →
-register → settle → summarise.
+    admit the request → precheck the budget (quoted from history when there is one)
+    → hold the GPU slots (billing starts) → load the data → quote → reserve
+    → open the MLflow run → train (metered, capped) → evaluate → log the model → register
+    → settle (on every exit, exactly once) → close the MLflow run → summarise
 
-Not a flow itself: each workload's flow calls it with its own loader task. A run refused by its
-budget ends in a Failed state named `OverBudget` with the reason, before any training; a run
-that fails or is stopped still settles what it spent.
+Not a flow itself: each workload's flow calls it with a `WorkloadPlan`. Each lifecycle has one
+owner that cleans up on every exit: `GpuSlots` releases the slots, `RunBudget` settles the
+attempt's money (completed, stopped, failed or preempted), `TrackingRun` closes the MLflow run.
+A request refused by its budget ends `OverBudget`, a request that cannot be trained as asked
+ends `InvalidRequest`; both before any MLflow run, hold or training step exists.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
-from typing import Any
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
-from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
-from prefect.states import Failed, State
+from prefect.states import Completed, Failed, State
+from pydantic import BaseModel
 
-from oppen.cost.ledger import utcnow
-from oppen.cost.meter import CostMeter
+from oppen.cost.budgets import open_ledger
+from oppen.cost.ledger import Ledger
 from oppen.cost.policy import CostPolicy
-from oppen.cost.price_book import load_price_book
-from oppen.cost.settlement import settle_from_meter
+from oppen.cost.price_book import PriceBook, load_price_book
+from oppen.cost.run_budget import BudgetRefused, LedgerUnavailable, Outcome, RunBudget, SettledCost
 from oppen.cost.spot import InterruptionSchedule, SpotSimulator
 from oppen.cost.utilization import UtilizationSampler
-from oppen.settings import load_settings
+from oppen.errors import RequestError
+from oppen.settings import OppenSettings, load_settings
+from tasks.cost_history import SPEED_KEY_TAG, speed_key
 from tasks.cost_tasks import (
-    BudgetRefused,
-    PrefectCostReporter,
+    announce_refusal,
+    announce_reservation,
     check_local_resources,
-    make_meter,
     precheck_budget,
+    quote_from_history,
+    quote_metrics,
     quote_run,
-    reserve_budget,
-    settle_run,
 )
-from tasks.gpu_slots import hold_gpu_slots
-from tasks.mlflow_tasks import close_tracking_run, open_tracking_run, register_if_good
+from tasks.gpu_slots import GpuSlots
+from tasks.mlflow_tasks import TrackingInfo, TrackingRun, register_if_good
+from tasks.registry import RegisteredVersion
+from tasks.run_budget import open_run_budget
 from tasks.summary import TrainingSummary, publish_summary
 from tasks.training_tasks import evaluate_model, log_model, train_model
 from training.config import RunConfig
+from training.errors import TrainingRequestError
 from training.loop import Trained
+from training.results import EvalResult
+from training.runtime import select_device
 from training.workload import Workload
 
 DEVELOPMENT_ALIAS = "development"
+REQUEST_ERRORS = (RequestError, TrainingRequestError)
 
 
-def training_pipeline(
-    *,
-    workload_name: str,
-    load: Callable[[], Workload],
-    run: RunConfig,
-    params: dict[str, Any],
-    experiment: str,
-    model_name: str,
-    threshold: float,
-    cost: CostPolicy,
-) -> TrainingSummary | State:
+@dataclass(frozen=True)
+class WorkloadPlan:
+    """What a workload's flow hands the pipeline: its config, how to check it cheaply, how to load it."""
+
+    name: str  # "mnist", "lm"
+    config: BaseModel  # the workload's own config, as requested
+    data_source: str  # the local data directory, or "hub": part of the speed-history key
+    check: Callable[[], None]  # cheap checks before loading (files, sizes); raises TrainingRequestError
+    load: Callable[[], Workload]  # the loader task
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    plan: WorkloadPlan
+    run: RunConfig
+    experiment: str
+    model_name: str
+    threshold: float
+    cost: CostPolicy
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one attempt produced, for the summary."""
+
+    trained: Trained
+    evaluation: EvalResult
+    model_uri: str
+    registered: RegisteredVersion | None
+    tracking: TrackingInfo
+    settled: SettledCost
+
+
+def training_pipeline(request: TrainingRequest) -> State:
     settings = load_settings()
-    started_at = utcnow()
+    run_key = str(flow_run.get_id() or f"adhoc-{uuid.uuid4()}")
+    # Unique per execution: a retried settle repeats it, a rescheduled run gets a new one.
+    attempt_id = f"{run_key}:{flow_run.get_run_count()}:{uuid.uuid4().hex[:8]}"
     started = time.perf_counter()
-    book = load_price_book(settings.price_book)  # a malformed book fails here, before anything is spent
-    check_local_resources(cost.resources, run)
-    precheck_budget(settings, cost, experiment)
-    flow_run_id = flow_run.get_id()
-    if run.checkpoint_dir is None:
-        # Per flow run: a rescheduled (preempted) run keeps its id, so it finds and resumes its checkpoint.
-        run = run.model_copy(update={"checkpoint_dir": settings.checkpoint_dir_for(workload_name, flow_run_id or "adhoc")})
-    tracking = open_tracking_run(
-        settings,
-        experiment,
-        run_name=flow_run.get_name() or workload_name,
-        params=params | {"run": run.model_dump(mode="json"), "cost": cost.model_dump(mode="json")},
-        tags={"oppen.workload": workload_name, "prefect.flow_run_id": str(flow_run_id), "oppen.team": cost.team},
-        resume_tag="prefect.flow_run_id" if flow_run_id else None,
-    )
-    reservation, meter, quote = None, None, None
-    title = f"{workload_name} run {flow_run.get_name() or tracking.run_id}"
-    gpu_slots = contextlib.ExitStack()
     try:
-        # Before loading: a run waiting for GPU slots has not started spending.
-        gpu_slots.enter_context(hold_gpu_slots(cost.resources.gpus))
-        workload = load()
-        load_seconds = time.perf_counter() - started
-        quote, _ = quote_run(settings, book, workload, run, cost, load_seconds, tracking.run_id)
-        reservation = reserve_budget(settings, cost, experiment, workload_name, quote, tracking.run_id)
-        meter = make_meter(book, cost, quote, reservation, PrefectCostReporter(settings, tracking.run_id, cost.team),
-                           started_at)
-        sampler = UtilizationSampler()
-        spot = _spot_simulator(book, cost)
-        trained = train_model(workload, run, settings, tracking.run_id, extra_callbacks=[meter, sampler], spot=spot)
-        evaluation = evaluate_model(workload, trained, run, settings, tracking.run_id)
-        model_uri = log_model(workload, trained, settings, tracking.run_id)
-        gpu_slots.close()  # the GPUs are free once the model is saved
-        registered = register_if_good(settings, model_name, model_uri, evaluation, threshold, DEVELOPMENT_ALIAS)
-        run_cost = settle_from_meter(
-            meter, status="stopped" if trained.result.stopped_early else "settled", resources=cost.resources,
-            quote=quote, metric_name=evaluation.primary_metric, metric_value=evaluation.primary_value,
-            higher_is_better=evaluation.higher_is_better, baseline=workload.metric_baseline(),
-            lost_seconds=spot.lost_seconds if spot else 0.0, interruptions=len(spot.interruptions) if spot else 0,
-            utilization=sampler.report, stop_reason=meter.stopped_for_cap,
-        )
-        settle_run(settings, reservation, run_cost, tracking.run_id, title,
-                   speed_metrics=_speed_metrics(meter, trained, spot))
+        book, key = admit(settings, request)
+        with _ledger(settings) as ledger:
+            history = quote_from_history(settings, book, request.run, request.cost, key)
+            precheck_budget(ledger, request.cost, request.experiment, request.plan.name, run_key, attempt_id, history)
+            attempt = run_attempt(settings, ledger, book, request, key, run_key, attempt_id)
     except BudgetRefused as refused:
-        close_tracking_run(settings, tracking, failed=True, status="KILLED")
         return Failed(name="OverBudget", message=str(refused))
-    except TerminationSignal:
-        # Eviction, preemption or spot reclaim. Prefect reschedules this flow run (same id), which
-        # reopens this reservation and MLflow run and resumes from the last checkpoint; what ran
-        # until now is paid for and recorded as preempted.
-        if reservation is not None and meter is not None:
-            preempted = settle_from_meter(meter, status="preempted", resources=cost.resources, quote=quote,
-                                          metric_name=None, metric_value=None,
-                                          stop_reason="SIGTERM: rescheduled, resumes from its last checkpoint")
-            settle_run(settings, reservation, preempted, tracking.run_id, title)
-        close_tracking_run(settings, tracking, failed=True, status="KILLED")
+    except REQUEST_ERRORS as error:
+        return Failed(name="InvalidRequest", message=_sentence(error))
+    except LedgerUnavailable as error:
+        return Failed(name="LedgerUnavailable", message=str(error))
+    summary = publish_summary(_summary(request, attempt, run_key, time.perf_counter() - started))
+    return _final_state(summary, attempt.settled)
+
+
+def admit(settings: OppenSettings, request: TrainingRequest) -> tuple[PriceBook, str]:
+    """Everything that can be checked before anything is held or read: the book, the pool, the data's files."""
+    book = load_price_book(settings.price_book)  # a malformed book fails here, before anything is spent
+    check_local_resources(request.cost.resources, request.run)
+    request.plan.check()
+    device = str(select_device(request.run.device))
+    config = request.plan.config.model_dump(mode="json", exclude={"data_dir"})
+    return book, speed_key(request.plan.name, config, request.plan.data_source, request.run, request.cost.resources,
+                           device)
+
+
+def run_attempt(settings: OppenSettings, ledger: Ledger, book: PriceBook, request: TrainingRequest, key: str,
+                run_key: str, attempt_id: str) -> Attempt:
+    plan, run, cost = request.plan, request.run, request.cost
+    name = flow_run.get_name() or plan.name
+    checkpoint_dir = settings.checkpoint_dir_for(*(run.checkpoint_subdir or f"{plan.name}/{run_key}").split("/"))
+    tags = {"oppen.workload": plan.name, "prefect.flow_run_id": run_key, "oppen.team": cost.team, SPEED_KEY_TAG: key}
+    with (
+        GpuSlots(cost.resources.gpus) as slots,  # billing starts once they are held
+        TrackingRun(settings, request.experiment, name, tags, resume_tag="prefect.flow_run_id") as tracking,
+        open_run_budget(settings, ledger, book, cost, experiment=request.experiment, workload=plan.name,
+                        run_key=run_key, attempt_id=attempt_id, billing_from=slots.acquired_at, tracking=tracking,
+                        title=f"{plan.name} run {name}") as budget,
+    ):
+        workload = plan.load()
+        workload.check_run(run)
+        quote = quote_run(settings, book, workload, run, cost, key, time.monotonic() - slots.acquired_at)
+        _reserve(budget, quote, request)
+        tracking.open({"config": plan.config.model_dump(mode="json"), "run": run.model_dump(mode="json"),
+                       "cost": cost.model_dump(mode="json")})
+        budget.mlflow_run_id = tracking.run_id
+        tracking.log(quote_metrics(quote), 0)
+        sampler, spot = UtilizationSampler(), _spot_simulator(book, cost)
+        trained = train_model(workload, run, checkpoint_dir, tracking, extra_callbacks=[budget.meter, sampler],
+                              spot=spot)
+        evaluation = evaluate_model(workload, trained, run, tracking)
+        model_uri = log_model(workload, trained, settings, tracking.run_id)
+        slots.release()  # the GPUs are free once the model is saved
+        registered = register_if_good(settings, request.model_name, model_uri, evaluation, request.threshold,
+                                      DEVELOPMENT_ALIAS)
+        tracking.log(_speed_metrics(budget, trained, spot), trained.result.steps)
+        budget.complete(Outcome(
+            stopped=trained.result.stopped_early, metric_name=evaluation.primary_metric,
+            metric_value=evaluation.primary_value, higher_is_better=evaluation.higher_is_better,
+            baseline=workload.metric_baseline(), utilization=sampler.report,
+            spot_lost_seconds=spot.lost_seconds if spot else 0.0,
+            spot_interruptions=len(spot.interruptions) if spot else 0, stop_reason=budget.meter.stopped_for_cap,
+        ))
+    return Attempt(trained, evaluation, model_uri, registered, tracking.info, budget.settled)
+
+
+def _reserve(budget: RunBudget, quote, request: TrainingRequest) -> None:
+    try:
+        reservation = budget.reserve(quote)
+    except BudgetRefused as refused:
+        announce_refusal(refused, request.cost, request.experiment, quote)
         raise
-    except BaseException as error:
-        if reservation is not None and meter is not None:
-            # What was spent is spent: the ledger records it and releases the rest of the hold.
-            failed_cost = settle_from_meter(meter, status="failed", resources=cost.resources, quote=quote,
-                                            metric_name=None, metric_value=None,
-                                            stop_reason=f"{type(error).__name__}: {error}"[:500])
-            settle_run(settings, reservation, failed_cost, tracking.run_id, title)
-        close_tracking_run(settings, tracking, failed=True)
-        raise
+    announce_reservation(reservation, request.cost, request.experiment)
+
+
+@contextlib.contextmanager
+def _ledger(settings: OppenSettings) -> Iterator[Ledger]:
+    ledger = open_ledger(settings.ledger, settings.budgets_file)
+    try:
+        yield ledger
     finally:
-        gpu_slots.close()
-    close_tracking_run(settings, tracking, failed=False)
-    return publish_summary(
-        TrainingSummary(
-            workload=workload_name,
-            flow_run_id=str(flow_run_id) if flow_run_id else None,
-            experiment=experiment,
-            mlflow_run_id=tracking.run_id,
-            mlflow_run_url=tracking.run_url,
-            model_uri=model_uri,
-            train=trained.result,
-            evaluation=evaluation,
-            registered=registered,
-            duration_seconds=time.perf_counter() - started,
-            cost=run_cost,
-        )
-    )
+        ledger.dispose()
 
 
-def _spot_simulator(book, cost: CostPolicy) -> SpotSimulator | None:
+def _spot_simulator(book: PriceBook, cost: CostPolicy) -> SpotSimulator | None:
     if not cost.spot:
         return None
     rate = book.spot.interruptions_per_hour if cost.spot_interruptions_per_hour is None else cost.spot_interruptions_per_hour
     return SpotSimulator(InterruptionSchedule(rate, cost.spot_seed))
 
 
-def _speed_metrics(meter: CostMeter, trained: Trained, spot: SpotSimulator | None) -> dict[str, float]:
-    """This run's speed, for the next quote of the same config (not from interrupted runs: skewed)."""
-    result = trained.result
+def _speed_metrics(budget: RunBudget, trained: Trained, spot: SpotSimulator | None) -> dict[str, float]:
+    """This run's speed, for the next quote of the same request (not from interrupted runs: skewed)."""
+    meter, result = budget.meter, trained.result
     samples = result.samples_per_second * result.train_seconds
-    if (spot and spot.interruptions) or samples <= 0 or not meter.timing.epoch_overheads:
+    if (spot and spot.interruptions) or result.resumed_from_step or samples <= 0 or not meter.timing.epoch_overheads:
         return {}
     overheads = meter.timing.epoch_overheads
     loop_seconds = result.train_seconds - sum(overheads)
+    meter.tick()
     return {
         "cost_seconds_per_sample": max(loop_seconds, 1e-9) / samples,
         "cost_epoch_overhead_s": sorted(overheads)[len(overheads) // 2],
         "cost_fixed_overhead_s": meter.seconds_at_train_start or 0.0,
+        # Measured up to here (registration included); the cost publishing that follows is ~constant.
         "cost_tail_s": max(0.0, meter.totals.seconds - (meter.seconds_at_train_end or meter.totals.seconds)),
     }
+
+
+def _summary(request: TrainingRequest, attempt: Attempt, run_key: str, seconds: float) -> TrainingSummary:
+    return TrainingSummary(
+        workload=request.plan.name, flow_run_id=run_key, experiment=request.experiment,
+        mlflow_run_id=attempt.tracking.run_id, mlflow_run_url=attempt.tracking.run_url, model_uri=attempt.model_uri,
+        train=attempt.trained.result, evaluation=attempt.evaluation, registered=attempt.registered,
+        duration_seconds=seconds, cost=attempt.settled.cost if attempt.settled else None,
+        settlement_pending=bool(attempt.settled and attempt.settled.pending),
+    )
+
+
+def _final_state(summary: TrainingSummary, settled: SettledCost | None) -> State:
+    """Completed, with the cost in its message; `SettlementPending` when the ledger has not booked it yet."""
+    evaluation = summary.evaluation
+    metric = f"{evaluation.primary_metric} {evaluation.primary_value:.4f}"
+    if settled is None:
+        return Completed(message=metric, data=summary)
+    cost = settled.cost
+    cap = f" of ${cost.cap_usd:.6f} cap" if cost.cap_usd is not None else ""
+    stopped = " (stopped at its cap)" if cost.status == "stopped" else ""
+    message = f"${cost.cost_usd:.6f}{cap}{stopped} · {metric}"
+    if settled.pending:
+        return Completed(name="SettlementPending", message=f"{message} · {settled.pending_reason}", data=summary)
+    return Completed(message=message, data=summary)
+
+
+def _sentence(error: BaseException) -> str:
+    """A user's mistake in one sentence: the message, without the exception's class or a traceback."""
+    text = " ".join(str(error).split())
+    return text if text.endswith(".") else text + "."

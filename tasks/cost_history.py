@@ -13,17 +13,22 @@ from training.config import RunConfig
 
 SPEED_KEY_TAG = "oppen.speed_key"
 SPEED_METRICS = ("cost_seconds_per_sample", "cost_epoch_overhead_s", "cost_fixed_overhead_s", "cost_tail_s")
+SHAPE_METRIC = "shape_steps_per_epoch"  # lets the next run of the same request be quoted before its data is read
 
 
-def speed_key(workload_name: str, workload_config: dict, run: RunConfig, resources: Resources, device: str) -> str:
-    """What determines seconds per sample: the model and data config, batch size, threads, hardware.
+def speed_key(workload_name: str, request_config: dict, data_source: str, run: RunConfig, resources: Resources,
+              device: str) -> str:
+    """What determines seconds per sample: the model and data as requested, batch size, threads, hardware.
 
-    Epochs, learning rate, seed and max_steps change how long a run is, not how fast it goes, so
-    runs that differ only there share their history.
+    Computed from the request alone (no data read), so a run with history is quoted, and refused
+    if it cannot fit its budget, before anything is loaded. Epochs, learning rate, seed and
+    max_steps change how long a run is, not how fast it goes, so runs that differ only there
+    share their history.
     """
     payload = {
         "workload": workload_name,
-        "config": workload_config,
+        "config": request_config,
+        "data": data_source,
         "batch_size": run.batch_size,
         "num_threads": run.num_threads,
         "device": device.split(":")[0],
@@ -46,6 +51,7 @@ def past_runs(client: MlflowClient, key: str, limit: int = 10) -> list[PastRun]:
         if "cost_seconds_per_sample" not in metrics or metrics["cost_seconds_per_sample"] <= 0:
             continue
         runs.append(PastRun(
+            steps_per_epoch=int(metrics[SHAPE_METRIC]) if metrics.get(SHAPE_METRIC, 0) >= 1 else None,
             seconds_per_sample=metrics["cost_seconds_per_sample"],
             epoch_overhead_seconds=max(0.0, metrics.get("cost_epoch_overhead_s", 0.0)),
             fixed_overhead_seconds=max(0.0, metrics.get("cost_fixed_overhead_s", 0.0)),

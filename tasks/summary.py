@@ -26,6 +26,7 @@ class TrainingSummary(BaseModel):
     registered: RegisteredVersion | None
     duration_seconds: float
     cost: RunCost | None = None
+    settlement_pending: bool = False  # the ledger could not be reached: the cost waits for `oppen reconcile`
 
 
 def render_markdown(summary: TrainingSummary) -> str:

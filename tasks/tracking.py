@@ -17,6 +17,7 @@ from mlflow.entities import Metric, Param
 
 import training
 from oppen.settings import OppenSettings
+from tasks.metric_sink import MetricSink
 from training.callbacks import Callback, LoopControl, StepInfo
 from training.results import EpochRecord
 
@@ -72,17 +73,17 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
 
 
 class MlflowMetricsCallback(Callback):
-    """Per-epoch metrics (and a smoothed step loss) into one MLflow run."""
+    """Per-epoch metrics (and a smoothed step loss) into one MLflow run, through a non-blocking sink."""
 
-    def __init__(self, client: MlflowClient, run_id: str, log_every_steps: int) -> None:
-        self.client, self.run_id, self.every = client, run_id, log_every_steps
+    def __init__(self, sink: MetricSink, log_every_steps: int) -> None:
+        self.sink, self.every = sink, log_every_steps
         self._loss_sum, self._loss_count = 0.0, 0
 
     def on_step_end(self, step: StepInfo, control: LoopControl) -> None:
         self._loss_sum += step.loss or 0.0
         self._loss_count += 1
         if step.step % self.every == 0:
-            log_metrics(self.client, self.run_id, {"train_loss_step": self._loss_sum / self._loss_count}, step.step)
+            self.sink.log({"train_loss_step": self._loss_sum / self._loss_count}, step.step)
             self._loss_sum, self._loss_count = 0.0, 0
 
     def on_epoch_end(self, epoch: EpochRecord, control: LoopControl) -> None:
@@ -93,7 +94,7 @@ class MlflowMetricsCallback(Callback):
             "samples_per_second": epoch.samples_per_second,
             **epoch.metrics,
         }
-        log_metrics(self.client, self.run_id, metrics, epoch.step)
+        self.sink.log(metrics, epoch.step)
 
 
 def pip_requirements(extra: list[str] | None = None) -> list[str]:
@@ -136,5 +137,5 @@ def log_torch_model(
     return info.model_uri
 
 
-def finish_run(client: MlflowClient, run_id: str, failed: bool, status: str | None = None) -> None:
-    client.set_terminated(run_id, status=status or ("FAILED" if failed else "FINISHED"))
+def finish_run(client: MlflowClient, run_id: str, status: str) -> None:
+    client.set_terminated(run_id, status=status)

@@ -7,6 +7,8 @@ be silently replaced by a cached one.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
@@ -14,7 +16,9 @@ from prefect.cache_policies import NONE
 from oppen.cost.spot import SpotSimulator, run_through_reclaims
 from oppen.settings import OppenSettings
 from tasks.progress import PrefectProgressCallback
-from tasks.tracking import MlflowMetricsCallback, client_for, log_metrics, log_torch_model
+from tasks.mlflow_tasks import TrackingRun
+from tasks.retry import transient_only
+from tasks.tracking import MlflowMetricsCallback, log_torch_model
 from training.callbacks import Callback
 from training.config import RunConfig
 from training.lm.workload import LmConfig, LmWorkload
@@ -25,7 +29,7 @@ from training.runtime import select_device
 from training.workload import Workload
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10])
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_only)
 def load_mnist(config: MnistConfig, seed: int) -> MnistWorkload:
     """Read MNIST (local IDX files or a download) and hold out the validation split."""
     workload = MnistWorkload.load(config, seed)
@@ -36,7 +40,7 @@ def load_mnist(config: MnistConfig, seed: int) -> MnistWorkload:
     return workload
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10])
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_only)
 def load_wikitext(config: LmConfig) -> LmWorkload:
     """Read WikiText-2, build the tokenizer, and cut the text into training blocks."""
     workload = LmWorkload.load(config)
@@ -50,7 +54,7 @@ def load_wikitext(config: LmConfig) -> LmWorkload:
 
 @task(cache_policy=NONE)
 def train_model(
-    workload: Workload, run: RunConfig, settings: OppenSettings, mlflow_run_id: str,
+    workload: Workload, run: RunConfig, checkpoint_dir: Path, tracking: TrackingRun,
     extra_callbacks: list[Callback] | None = None, spot: SpotSimulator | None = None,
 ) -> Trained:
     """The training loop, with MLflow metrics, Prefect progress and any extra callbacks (cost meter) attached.
@@ -60,22 +64,19 @@ def train_model(
     """
     logger = get_run_logger()
     callbacks: list[Callback] = [
-        MlflowMetricsCallback(client_for(settings), mlflow_run_id, run.log_every_steps),
+        MlflowMetricsCallback(tracking.sink, run.log_every_steps),
         PrefectProgressCallback(logger, key=f"{workload.name}-training-progress"),
         *(extra_callbacks or []),
     ]
     if spot is not None:
-        if not run.checkpoint_dir:
-            raise ValueError("spot runs need a checkpoint_dir to resume from")
         callbacks.append(spot)
     trained = run_through_reclaims(
-        lambda: train(workload, run, callbacks),
+        lambda: train(workload, run, callbacks, checkpoint_dir=checkpoint_dir),
         on_reclaim=lambda number, reclaim: logger.warning("attempt %d: %s", number, reclaim),
     )
     result = trained.result
     # Where this attempt started: > 0 after a preemption (resumed from a checkpoint).
-    log_metrics(client_for(settings), mlflow_run_id,
-                {"steps_completed": result.steps, "resumed_from_step": result.resumed_from_step}, result.steps)
+    tracking.log({"steps_completed": result.steps, "resumed_from_step": result.resumed_from_step}, result.steps)
     logger.info(
         "trained %d/%d steps in %.1fs (%.0f samples/s)%s",
         result.steps, result.total_steps, result.train_seconds, result.samples_per_second,
@@ -86,11 +87,11 @@ def train_model(
 
 @task(cache_policy=NONE)
 def evaluate_model(
-    workload: MnistWorkload | LmWorkload, trained: Trained, run: RunConfig, settings: OppenSettings, mlflow_run_id: str
+    workload: MnistWorkload | LmWorkload, trained: Trained, run: RunConfig, tracking: TrackingRun
 ) -> EvalResult:
     """Score the trained model on held-out data and record the figures in the run."""
     evaluation = workload.test(trained.model, select_device(run.device))
-    log_metrics(client_for(settings), mlflow_run_id, evaluation.metrics, trained.result.steps)
+    tracking.log(evaluation.metrics, trained.result.steps)
     get_run_logger().info(
         "%s on %s: %s", evaluation.primary_metric, evaluation.split,
         ", ".join(f"{k}={v:.4f}" for k, v in evaluation.metrics.items()),

@@ -152,15 +152,16 @@ def test_meter_gives_the_off_peak_discount_from_22_00():
     assert meter.totals.off_peak_seconds == pytest.approx(3600)
 
 
-def test_meter_stops_before_the_step_that_would_cross_the_cap_overshoot_under_one_step():
+def test_meter_stops_before_the_step_that_would_cross_the_cap_with_one_step_to_spare():
     clock = FakeClock(NOON)
     step_usd = 0.45 * 8.0 / 3600
     cap = 0.45 * (100 * 8.0) / 3600 * 0.5 + step_usd / 3  # mid-step: the hard case
     meter = CostMeter(BOOK, GPU, cap_usd=cap, clock=clock, expected_step_seconds=8.0)
     done = _drive(meter, clock, total=100, per_epoch=100, step_s=8.0, overhead_s=0.0)
     assert 0 < done < 100 and meter.stopped_for_cap
-    assert meter.accrued_usd <= cap + step_usd
-    assert cap - meter.accrued_usd < step_usd  # and it did not stop a step too early
+    # One step of margin: even a step twice as long as expected would have ended inside the cap.
+    assert meter.accrued_usd + step_usd <= cap
+    assert cap - meter.accrued_usd < 2 * step_usd  # and it did not stop more than a step early
     assert [e.payload["fraction"] for e in meter.events if e.name == "oppen.cost.threshold"] == [0.5, 0.7, 0.9]
     assert any(e.name == "oppen.cost.cap_reached" for e in meter.events)
 
@@ -171,10 +172,81 @@ def test_meter_keeps_the_epoch_end_and_the_tail_inside_the_cap():
     meter = CostMeter(BOOK, GPU, cap_usd=cap, clock=clock, expected_step_seconds=6.0,
                       expected_epoch_overhead_seconds=30.0, tail_reserve_seconds=12.0)
     done = _drive(meter, clock, total=40, per_epoch=10, step_s=6.0, overhead_s=30.0)
-    # Step 10 alone fits (54 + 6 + 12 s tail = 72 s of 90), but it ends the epoch: its 30 s validation
-    # pass would leave no room for the tail, so the meter stops before it.
+    # Step 9 (48 s spent + 6 + a 6 s margin + 12 s tail = 72 s of 90) fits; step 10 ends the epoch: its 30 s
+    # validation pass would leave no room for the tail, so the meter stops before it.
     assert done == 9
     assert meter.accrued_usd + 0.45 * 12.0 / 3600 <= cap + 1e-12
+
+
+def test_a_rescheduled_attempt_may_spend_only_what_the_cap_has_left():
+    clock = FakeClock(NOON)
+    step_usd = 0.45 * 8.0 / 3600
+    cap = 100.5 * step_usd  # off a step boundary: float sums do not decide the outcome
+    meter = CostMeter(BOOK, GPU, cap_usd=cap, prior_usd=60 * step_usd, clock=clock, expected_step_seconds=8.0)
+    done = _drive(meter, clock, total=100, per_epoch=100, step_s=8.0, overhead_s=0.0)
+    assert done == 39  # 40 steps are left under the cap, one is kept as margin
+    assert meter.run_usd + step_usd <= cap + 1e-12
+    assert "earlier attempts spent" in meter.stopped_for_cap
+
+
+def test_the_hold_is_topped_up_when_the_run_needs_more_and_stops_where_no_more_is_granted():
+    clock = FakeClock(NOON)
+    step_usd = 0.45 * 8.0 / 3600
+    granted = []
+
+    def extend(wanted: float) -> tuple[float, str | None]:
+        new = min(wanted, 30.5 * step_usd)  # the budget has room for 30.5 steps in all
+        granted.append(new)
+        return new, "team ml" if new < wanted else None
+
+    meter = CostMeter(BOOK, GPU, hold_usd=10 * step_usd, extend=extend, clock=clock, expected_step_seconds=8.0)
+    done = _drive(meter, clock, total=100, per_epoch=100, step_s=8.0, overhead_s=0.0)
+    assert granted and granted[-1] == pytest.approx(30.5 * step_usd)
+    assert done == 29 and meter.accrued_usd + step_usd <= 30.5 * step_usd
+    assert "limited by team ml" in meter.stopped_for_cap
+
+
+def test_threshold_events_cover_the_run_cap_and_every_budget_with_both_in_the_payload():
+    from oppen.cost.meter import BudgetGauge
+
+    clock = FakeClock(NOON)
+    step_usd = 0.45 * 8.0 / 3600
+    team = BudgetGauge("team ml", "monthly", amount_usd=20 * step_usd, used_usd=7.5 * step_usd)
+    meter = CostMeter(BOOK, GPU, cap_usd=10.5 * step_usd, hold_usd=10.5 * step_usd, budgets=[team], clock=clock,
+                      expected_step_seconds=8.0, safety_steps=0.0)
+    _drive(meter, clock, total=100, per_epoch=100, step_s=8.0, overhead_s=0.0)
+    crossed = [(e.payload["of"], e.payload["fraction"]) for e in meter.events if e.name == "oppen.cost.threshold"]
+    # The team budget reaches 50% after 2.5 steps, the cap after 5.25; the run stops after 10 of its 10.5.
+    assert crossed == [("team ml", 0.5), ("cap", 0.5), ("team ml", 0.7), ("cap", 0.7), ("cap", 0.9)]
+    last = [e for e in meter.events if e.name == "oppen.cost.threshold"][-1].payload
+    assert last["cap_fraction"] == pytest.approx(10 / 10.5) and last["budgets"][0]["fraction"] == pytest.approx(17.5 / 20)
+
+
+def test_durations_come_from_the_monotonic_clock_and_the_wall_clock_only_prices_them():
+    wall = FakeClock(NOON)
+    mono = [0.0]
+    meter = CostMeter(BOOK, GPU, clock=wall, monotonic=lambda: mono[0])
+    mono[0] += 3600.0
+    wall.advance(3600.0 + 7200.0)  # NTP stepped the wall clock two hours forward meanwhile
+    meter.tick()
+    assert meter.totals.seconds == pytest.approx(3600.0) and meter.accrued_usd == pytest.approx(0.45)
+
+
+def test_each_month_gets_what_ran_in_it():
+    clock = FakeClock(datetime(2026, 11, 30, 23, 30, tzinfo=timezone.utc))
+    meter = CostMeter(BOOK, GPU, clock=clock)
+    clock.advance(3600.0)  # 23:30 -> 00:30, off-peak throughout
+    meter.tick()
+    assert meter.totals.usd_by_month == pytest.approx({"2026-11": 0.1125, "2026-12": 0.1125})
+
+
+def test_the_forecast_uses_the_expected_tail_and_the_stop_rule_the_padded_one():
+    clock = FakeClock(NOON)
+    meter = CostMeter(BOOK, GPU, clock=clock, tail_seconds=20.0, tail_reserve_seconds=31.0)
+    _drive(meter, clock, total=300, per_epoch=100, step_s=6.0, overhead_s=60.0)
+    after_epoch_1 = next(p for p in meter.forecasts if p.basis == "epochs")
+    hours = (300 * 6.0 + 3 * 60.0 + 20.0) / 3600  # the run plus its expected tail
+    assert after_epoch_1.forecast_usd == pytest.approx(0.45 * hours, rel=1e-6)
 
 
 # --- spot draws ----------------------------------------------------------------------------
@@ -216,6 +288,11 @@ def test_spot_simulator_loses_the_work_since_the_last_checkpoint():
         ({"resources": {"gpu_type": "nvidia-a100"}}, "gpus is 0"),
         ({"spot_interruptions_per_hour": 1.0}, "spot is false"),
         ({"budget": 5}, "Extra inputs are not permitted"),
+        ({"max_cost_usd": None}, "must be a finite number"),  # what JSON makes of 1e400
+        ({"max_cost_usd": float("inf")}, "finite number"),
+        ({"max_cost_usd": float("nan")}, "finite number"),
+        ({"resources": {"cpu_cores": float("inf")}}, "finite number"),
+        ({"spot": True, "spot_interruptions_per_hour": None}, "must be a finite number"),
     ],
 )
 def test_bad_cost_requests_are_rejected(policy, message):

@@ -73,7 +73,7 @@ def test_bad_job_variables_are_refused_before_a_flow_run_exists(stack):
 def test_a_run_holds_one_gpu_slot_per_gpu_and_releases_them(in_process):
     from prefect import flow
 
-    from tasks.gpu_slots import GPU_SLOTS_LIMIT, hold_gpu_slots
+    from tasks.gpu_slots import GPU_SLOTS_LIMIT, GpuSlots
 
     def active_slots() -> int:
         with get_client(sync_client=True) as client:
@@ -83,10 +83,12 @@ def test_a_run_holds_one_gpu_slot_per_gpu_and_releases_them(in_process):
 
     @flow
     def holds(gpus: int) -> None:
-        with hold_gpu_slots(gpus):
+        with GpuSlots(gpus) as slots:
             seen[gpus] = active_slots()
+            slots.release()  # released early (once the model is saved); leaving the block is then a no-op
+            seen[-gpus] = active_slots()
 
     holds(3)
     holds(0)  # CPU runs take no slot
-    assert seen == {3: 3, 0: 0}
+    assert seen == {3: 3, -3: 0, 0: 0}
     assert active_slots() == 0

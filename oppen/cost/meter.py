@@ -1,18 +1,26 @@
-"""The cost meter: a training callback that prices real elapsed time, forecasts, and enforces the cap.
+"""The cost meter: a training callback that prices real elapsed time, forecasts, and keeps the run in its hold.
 
-It charges wall time x resources at the price in force at each moment (a run crossing 22:00 pays
-the off-peak rate from 22:00 on), forecasts the final cost during the first epoch from step times
-and after every epoch from whole epochs, reports budget thresholds, and asks the loop to stop
-before the step that would cross the cap. It knows nothing of Prefect or MLflow: what happens
-with forecasts and threshold events is injected (`on_forecast`, `on_event`).
+It charges elapsed time x resources at the price in force at each moment: durations come from a
+monotonic clock (a wall-clock step from NTP never bills or refunds anything), and the wall clock
+only says which price was in force (a run crossing 22:00 pays the off-peak rate from 22:00 on).
+What it charges is kept per UTC month, so each month's budget gets what ran in it.
+
+It forecasts the final cost during the first epoch from step times and after every epoch, and
+reports thresholds (50/70/90/100%) of the run's cap and of each budget. Before each step it
+checks that the step, a safety margin of one more step, and the work that always follows
+training (test pass, model logging) fit in this attempt's hold; when they do not, it asks for a
+bigger hold (`extend`, atomic against the budgets and the run's cap) and stops cleanly if none
+is granted. It knows nothing of Prefect or MLflow: forecasts, events and top-ups are injected.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from oppen.cost.forecast import (
     at,
@@ -24,10 +32,14 @@ from oppen.cost.forecast import (
 )
 from oppen.cost.price_book import PriceBook, Resources
 from oppen.cost.pricing import price_interval
+from oppen.cost.windows import utc_month_slices
 from training.callbacks import Callback, LoopControl, RunInfo, StepInfo
 from training.results import EpochRecord, TrainResult
 
 Clock = Callable[[], datetime]
+Monotonic = Callable[[], float]
+# extend(wanted hold in USD) -> (the hold now, what limited it or None): an atomic top-up in the ledger.
+Extend = Callable[[float], tuple[float, str | None]]
 THRESHOLDS = (0.5, 0.7, 0.9, 1.0)
 
 
@@ -36,11 +48,21 @@ def system_clock() -> datetime:
 
 
 @dataclass(frozen=True)
+class BudgetGauge:
+    """A budget whose thresholds the meter reports: what everything but this attempt already uses."""
+
+    scope: str
+    period: str
+    amount_usd: float
+    used_usd: float
+
+
+@dataclass(frozen=True)
 class ForecastPoint:
     step: int
     epoch: float  # fractional: 0.4 = 40% through epoch 1
-    accrued_usd: float
-    forecast_usd: float
+    accrued_usd: float  # the run so far, earlier attempts included
+    forecast_usd: float  # the run's expected total
     basis: str  # "steps" (during epoch 1) or "epochs"
 
 
@@ -52,10 +74,13 @@ class CostEvent:
 
 @dataclass
 class MeterTotals:
+    """This attempt's charges."""
+
     usd: float = 0.0
     peak_seconds: float = 0.0
     off_peak_seconds: float = 0.0
     on_demand_usd: float = 0.0
+    usd_by_month: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     @property
     def seconds(self) -> float:
@@ -66,9 +91,9 @@ class MeterTotals:
 class _Timing:
     step_walls: list[float] = field(default_factory=list)  # this epoch's step-to-step intervals
     last_epoch_step_seconds: float | None = None
-    last_step_end: datetime | None = None
+    last_step_end: float | None = None  # monotonic
     epoch_overheads: list[float] = field(default_factory=list)
-    pending_overhead_from: datetime | None = None  # last step end of an ended epoch, until the next step
+    pending_overhead_from: float | None = None  # last step end of an ended epoch, until the next step
     provisional_overhead: float | None = None
 
 
@@ -79,72 +104,95 @@ class CostMeter(Callback):
         resources: Resources,
         *,
         spot: bool = False,
+        hold_usd: float | None = None,
         cap_usd: float | None = None,
-        threshold_base_usd: float | None = None,
+        prior_usd: float = 0.0,
+        budgets: Sequence[BudgetGauge] = (),
+        extend: Extend | None = None,
         expected_step_seconds: float | None = None,
         expected_epoch_overhead_seconds: float = 0.0,
+        tail_seconds: float = 0.0,
         tail_reserve_seconds: float = 0.0,
-        clock: Clock = system_clock,
+        safety_steps: float = 1.0,
+        clock: Clock | None = None,
+        monotonic: Monotonic | None = None,
+        start: float | None = None,
         on_event: Callable[[CostEvent], None] | None = None,
         on_forecast: Callable[[ForecastPoint], None] | None = None,
         forecasts_per_first_epoch: int = 10,
         thresholds: tuple[float, ...] = THRESHOLDS,
-        started_at: datetime | None = None,
     ) -> None:
         self.book, self.resources, self.spot = book, resources, spot
-        self.cap_usd = cap_usd
-        # Thresholds are fractions of the cap, else of what was reserved for the run.
-        self.threshold_base_usd = cap_usd or threshold_base_usd
+        self.cap_usd = cap_usd  # the run's cap over all its attempts
+        self.prior_usd = prior_usd  # what the run's earlier attempts spent
+        # This attempt may spend at most its hold; without one, whatever the cap has left.
+        self.limit_usd = hold_usd if hold_usd is not None else (cap_usd - prior_usd if cap_usd is not None else None)
+        self.budgets = tuple(budgets)
+        self.extend = extend
         self.expected_step_seconds = expected_step_seconds
         self.expected_epoch_overhead_seconds = expected_epoch_overhead_seconds
-        # Work that follows training (test pass, model logging) and is always completed: kept inside the cap.
-        self.tail_reserve_seconds = tail_reserve_seconds
-        self.clock = clock
+        # After training: the expected tail (forecasts) and the padded one kept inside the hold.
+        self.tail_seconds = tail_seconds
+        self.tail_reserve_seconds = max(tail_reserve_seconds, tail_seconds)
+        self.safety_steps = safety_steps
+        self.clock = clock or system_clock
+        # A fake wall clock (tests) also serves as the monotonic one; the real one never does.
+        self.monotonic = monotonic or (time.monotonic if clock is None else (lambda: self.clock().timestamp()))
         self.on_event = on_event
         self.on_forecast = on_forecast
         self.forecasts_per_first_epoch = forecasts_per_first_epoch
         self.thresholds = thresholds
-        # Billing starts here; a flow passes its own start so loading and quoting are billed too.
-        self.started_at = started_at or clock()
-        self._last_tick = self.started_at
+        # Billing starts here; a flow passes the moment it got its GPU slots.
+        self._last_mono = start if start is not None else self.monotonic()
         self.totals = MeterTotals()
         self.timing = _Timing()
         self.info: RunInfo | None = None
         self.forecasts: list[ForecastPoint] = []
         self.events: list[CostEvent] = []
-        self.epoch_costs: list[tuple[int, float]] = []  # (epoch, cumulative USD at its end)
+        self.epoch_costs: list[tuple[int, float]] = []  # (epoch, the run's cumulative USD at its end)
         self.step_costs: list[float] = []  # USD of each step this meter saw, for overshoot reporting
         self.training_usd_at_start: float | None = None
         self.training_usd_at_end: float | None = None
         self.seconds_at_train_start: float | None = None
         self.seconds_at_train_end: float | None = None
         self.stopped_for_cap: str | None = None
-        self.tail_reserve_usd = 0.0  # priced when the cap stops the run
+        self.limited_by: str | None = None  # what the hold could not be extended past
+        self.tail_reserve_usd = 0.0  # priced when the limit stops the run
         self.epoch_ends_done = 0
         self._step_started_usd = 0.0
 
     # --- accrual -------------------------------------------------------------------------
 
     def tick(self) -> datetime:
-        """Charge the time since the last tick at the prices in force over it; returns now."""
-        now = self.clock()
-        if now > self._last_tick:
-            cost = price_interval(self.book, self.resources, self._last_tick, now, spot=self.spot)
+        """Charge the time since the last tick at the prices in force over it; returns the wall time now."""
+        mono = self.monotonic()
+        end = self.clock()
+        seconds = mono - self._last_mono
+        if seconds > 0:
             before = self.totals.usd
-            self.totals.usd += cost.usd
-            self.totals.peak_seconds += cost.peak_seconds
-            self.totals.off_peak_seconds += cost.off_peak_seconds
-            self.totals.on_demand_usd += cost.on_demand_usd
-            self._last_tick = now
+            for month, begin, upto in utc_month_slices(end - timedelta(seconds=seconds), end):
+                cost = price_interval(self.book, self.resources, begin, upto, spot=self.spot)
+                self.totals.usd += cost.usd
+                self.totals.usd_by_month[month] += cost.usd
+                self.totals.peak_seconds += cost.peak_seconds
+                self.totals.off_peak_seconds += cost.off_peak_seconds
+                self.totals.on_demand_usd += cost.on_demand_usd
+            self._last_mono = mono
             self._check_thresholds(before, self.totals.usd)
-        return now
+        return end
 
     def price(self, start: datetime, seconds: float) -> float:
         return price_interval(self.book, self.resources, start, at(start, seconds), spot=self.spot).usd
 
     @property
     def accrued_usd(self) -> float:
+        """This attempt's charges so far."""
         return self.totals.usd
+
+    @property
+    def run_usd(self) -> float:
+        """The run's charges so far, earlier attempts included."""
+        return self.prior_usd + self.totals.usd
 
     # --- estimates -----------------------------------------------------------------------
 
@@ -163,21 +211,27 @@ class CostMeter(Callback):
             return self.timing.provisional_overhead
         return self.expected_epoch_overhead_seconds
 
-    def forecast_now(self, now: datetime, step: int, basis: str) -> ForecastPoint | None:
-        info = self.info
+    def remaining_seconds(self, step: int) -> float | None:
+        """Training left from `step` on (steps and epoch ends), without the tail; None before any estimate."""
         step_seconds = self.step_seconds_estimate()
-        if info is None or step_seconds is None:
+        if self.info is None or step_seconds is None:
             return None
-        left = remaining_seconds(
-            steps_done=step, total_steps=info.total_steps, steps_per_epoch=info.steps_per_epoch,
+        return remaining_seconds(
+            steps_done=step, total_steps=self.info.total_steps, steps_per_epoch=self.info.steps_per_epoch,
             step_seconds=step_seconds, epoch_overhead_seconds=self.epoch_overhead_estimate(),
             epoch_ends_done=self.epoch_ends_done,
-        ) + self.tail_reserve_seconds
+        )
+
+    def forecast_now(self, now: datetime, step: int, basis: str) -> ForecastPoint | None:
+        left = self.remaining_seconds(step)
+        if left is None or self.info is None:
+            return None
         point = ForecastPoint(
             step=step,
-            epoch=step / info.steps_per_epoch,
-            accrued_usd=self.totals.usd,
-            forecast_usd=forecast_total_usd(self.totals.usd, now, left, self.price),
+            epoch=step / self.info.steps_per_epoch,
+            accrued_usd=self.run_usd,
+            # The expected tail, not the padded reserve: a forecast is a best guess, the cap a ceiling.
+            forecast_usd=forecast_total_usd(self.run_usd, now, left + self.tail_seconds, self.price),
             basis=basis,
         )
         self.forecasts.append(point)
@@ -201,36 +255,31 @@ class CostMeter(Callback):
 
     def on_step_begin(self, step: StepInfo, control: LoopControl) -> None:
         now = self.tick()
-        self._close_epoch_overhead(now)
+        self._close_epoch_overhead(self._last_mono)
         self._step_started_usd = self.totals.usd
-        if self.cap_usd is None:
+        if self.limit_usd is None:
             return
         step_seconds = self.step_seconds_estimate() or 0.0
         ends_epoch = step.batch_in_epoch == step.steps_per_epoch or step.step == step.total_steps
-        unit = next_step_seconds(step_seconds, ends_epoch, self.epoch_overhead_estimate())
-        unit_usd = self.price(now, unit)
-        tail_usd = self.price(at(now, unit), self.tail_reserve_seconds)
-        if would_cross_cap(self.totals.usd, unit_usd + tail_usd, self.cap_usd):
-            self.tail_reserve_usd = tail_usd
-            self.stopped_for_cap = (
-                f"budget cap ${self.cap_usd:.6f} reached before step {step.step}/{step.total_steps}: "
-                f"spent ${self.totals.usd:.6f}, the next step would cost ~${unit_usd:.6f} and "
-                f"${tail_usd:.6f} is kept for evaluating and logging the model"
-            )
-            self._emit("oppen.cost.cap_reached", {
-                "cap_usd": self.cap_usd, "accrued_usd": self.totals.usd, "step": step.step,
-                "total_steps": step.total_steps, "next_step_usd": unit_usd, "tail_reserve_usd": tail_usd,
-            })
-            control.request_stop(self.stopped_for_cap)
+        unit_usd = self.price(now, next_step_seconds(step_seconds, ends_epoch, self.epoch_overhead_estimate()))
+        # One more step of margin: a step that runs long must still end inside the hold.
+        margin_usd = self.safety_steps * self.price(now, step_seconds)
+        tail_usd = self.price(now, self.tail_reserve_seconds)
+        needed = self.totals.usd + unit_usd + margin_usd + tail_usd
+        if needed > self.limit_usd:
+            self._ask_for_more(now, step.step, needed)
+        if would_cross_cap(self.totals.usd, unit_usd + margin_usd + tail_usd, self.limit_usd):
+            self._stop(control, step, unit_usd, tail_usd)
 
     def on_step_end(self, step: StepInfo, control: LoopControl) -> None:
         now = self.tick()
+        mono = self._last_mono
         self.step_costs.append(self.totals.usd - self._step_started_usd)
         if self.timing.last_step_end is not None:
-            self.timing.step_walls.append((now - self.timing.last_step_end).total_seconds())
+            self.timing.step_walls.append(mono - self.timing.last_step_end)
         elif step.step_seconds is not None:
             self.timing.step_walls.append(step.step_seconds)  # first step of an attempt: its own compute time
-        self.timing.last_step_end = now
+        self.timing.last_step_end = mono
         if self.epoch_ends_done == 0 and self.info is not None:
             every = max(1, self.info.steps_per_epoch // self.forecasts_per_first_epoch)
             if step.step % every == 0 and len(self.timing.step_walls) >= 3:
@@ -242,37 +291,76 @@ class CostMeter(Callback):
             self.timing.last_epoch_step_seconds = statistics.fmean(self.timing.step_walls)
         if self.timing.last_step_end is not None:
             # Validation + checkpoint so far; the full gap is measured when the next step starts.
-            self.timing.provisional_overhead = (now - self.timing.last_step_end).total_seconds()
+            self.timing.provisional_overhead = self._last_mono - self.timing.last_step_end
             self.timing.pending_overhead_from = self.timing.last_step_end
         self.timing.step_walls = []
         self.timing.last_step_end = None
         self.epoch_ends_done += 1
-        self.epoch_costs.append((epoch.epoch, self.totals.usd))
+        self.epoch_costs.append((epoch.epoch, self.run_usd))
         self.forecast_now(now, epoch.step, "epochs")
 
     def on_train_end(self, result: TrainResult, control: LoopControl) -> None:
-        now = self.tick()
-        self._close_epoch_overhead(now)
+        self.tick()
+        self._close_epoch_overhead(self._last_mono)
         self.training_usd_at_end = self.totals.usd
         self.seconds_at_train_end = self.totals.seconds
 
-    def _close_epoch_overhead(self, now: datetime) -> None:
+    def _close_epoch_overhead(self, mono: float) -> None:
         """The gap from an epoch's last step to the next step (or the end) is that epoch's overhead."""
         if self.timing.pending_overhead_from is not None:
-            self.timing.epoch_overheads.append((now - self.timing.pending_overhead_from).total_seconds())
+            self.timing.epoch_overheads.append(mono - self.timing.pending_overhead_from)
             self.timing.pending_overhead_from = None
+
+    # --- the hold ------------------------------------------------------------------------
+
+    def _ask_for_more(self, now: datetime, step: int, needed_usd: float) -> None:
+        """Top the hold up: to the forecast total plus 10% (so this is rare), at least what the next step needs."""
+        if self.extend is None:
+            return
+        left = self.remaining_seconds(step - 1) or 0.0
+        forecast = self.totals.usd + self.price(now, left + self.tail_reserve_seconds)
+        wanted = max(needed_usd, 1.1 * forecast, 1.25 * self.limit_usd)
+        self.limit_usd, self.limited_by = self.extend(wanted)
+
+    def _stop(self, control: LoopControl, step: StepInfo, unit_usd: float, tail_usd: float) -> None:
+        self.tail_reserve_usd = tail_usd
+        why = self.limited_by or ("the run's max_cost_usd" if self.cap_usd is not None else "its hold")
+        earlier = f"; earlier attempts spent ${self.prior_usd:.6f}" if self.prior_usd else ""
+        self.stopped_for_cap = (
+            f"budget cap reached before step {step.step}/{step.total_steps} (limited by {why}): this attempt "
+            f"may spend ${self.limit_usd:.6f} and has spent ${self.totals.usd:.6f}{earlier}; the next step would "
+            f"cost ~${unit_usd:.6f} and ${tail_usd:.6f} is kept for evaluating and logging the model"
+        )
+        self._emit("oppen.cost.cap_reached", {
+            "limit_usd": self.limit_usd, "limited_by": why, "cap_usd": self.cap_usd, "accrued_usd": self.run_usd,
+            "attempt_usd": self.totals.usd, "step": step.step, "total_steps": step.total_steps,
+            "next_step_usd": unit_usd, "tail_reserve_usd": tail_usd,
+        })
+        control.request_stop(self.stopped_for_cap)
 
     # --- thresholds ----------------------------------------------------------------------
 
+    def _bases(self) -> list[tuple[str, float, float]]:
+        """(name, amount, used by everything but this attempt) for the run's cap and each budget."""
+        bases = [("cap", self.cap_usd, self.prior_usd)] if self.cap_usd else []
+        return bases + [(gauge.scope, gauge.amount_usd, gauge.used_usd) for gauge in self.budgets if gauge.amount_usd > 0]
+
     def _check_thresholds(self, before: float, after: float) -> None:
-        base = self.threshold_base_usd
-        if not base:
-            return
-        for fraction in crossed_thresholds(before / base, after / base, self.thresholds):
-            self._emit("oppen.cost.threshold", {
-                "fraction": fraction, "accrued_usd": after, "of_usd": base,
-                "of": "cap" if self.cap_usd else "reservation",
-            })
+        for name, amount, used in self._bases():
+            for fraction in crossed_thresholds((used + before) / amount, (used + after) / amount, self.thresholds):
+                self._emit("oppen.cost.threshold", self._threshold_payload(fraction, name, amount, after))
+
+    def _threshold_payload(self, fraction: float, name: str, amount: float, attempt_usd: float) -> dict:
+        run_usd = self.prior_usd + attempt_usd
+        return {
+            "fraction": fraction, "of": name, "of_usd": amount, "accrued_usd": run_usd, "attempt_usd": attempt_usd,
+            "cap_usd": self.cap_usd, "cap_fraction": run_usd / self.cap_usd if self.cap_usd else None,
+            "budgets": [
+                {"scope": gauge.scope, "period": gauge.period, "amount_usd": gauge.amount_usd,
+                 "used_usd": gauge.used_usd + attempt_usd, "fraction": (gauge.used_usd + attempt_usd) / gauge.amount_usd}
+                for gauge in self.budgets if gauge.amount_usd > 0
+            ],
+        }
 
     def _emit(self, name: str, payload: dict) -> None:
         event = CostEvent(name, payload)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from oppen.cost.price_book import Resources
+from training.config import OptionalFloat, optional_number
 
 # Beyond this a budget is a typo (an extra zero or a pasted account number), not a plan.
 MAX_BUDGET_USD = 1_000_000.0
@@ -27,21 +28,22 @@ def check_name(kind: str, value: str) -> str:
 class CostPolicy(BaseModel):
     """The cost side of a training request (a flow parameter)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     team: str = Field("default", pattern=NAME_PATTERN, description="Whose budget pays; must exist in the ledger.")
     resources: Resources = Field(
         Resources(cpu_cores=2.0), description="What the run is billed for while it runs (its request)."
     )
-    max_cost_usd: PositiveFloat | None = Field(
-        None, le=MAX_BUDGET_USD,
-        description="Hard cap for this run: training stops cleanly before the step that would cross it.",
+    max_cost_usd: OptionalFloat = optional_number(
+        gt=0.0, le=MAX_BUDGET_USD,
+        description="Hard cap for this run over all its attempts: training stops cleanly before the step that "
+        "would cross it. Left out: no cap of its own (the budgets still apply).",
     )
     spot: bool = Field(False, description="Bill at the spot price; on the local pool, interruptions are simulated.")
     spot_seed: int = Field(0, description="Seed of the simulated interruption times (reproducible runs).")
-    spot_interruptions_per_hour: float | None = Field(
-        None, ge=0.0, le=3600.0,
-        description="Override the price book's interruption rate for the simulation (None: the book's rate).",
+    spot_interruptions_per_hour: OptionalFloat = optional_number(
+        ge=0.0, le=3600.0,
+        description="Override the price book's interruption rate for the simulation (left out: the book's rate).",
     )
     calibration_steps: int = Field(
         20, ge=3, le=200, description="Steps timed to estimate speed when MLflow has no history for this config."

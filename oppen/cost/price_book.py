@@ -27,7 +27,7 @@ MAX_GPUS_PER_RUN = 16  # the largest single nodes (e.g. 16x A100 40GB) carry 16
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class Rates(_Strict):

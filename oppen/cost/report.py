@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 COLUMNS = [
-    "created_at", "team", "experiment", "workload", "status", "quote_usd", "actual_usd", "metric", "value",
-    "cost_per_point_usd", "mlflow_run_id", "reservation_id",
+    "created_at", "team", "experiment", "workload", "status", "attempts", "quote_usd", "actual_usd", "actual_micros",
+    "metric", "value", "cost_per_point_usd", "mlflow_run_id", "reservation_id",
 ]
 
 
@@ -24,7 +24,10 @@ def build_frame(rows: Sequence[Mapping], quality: Mapping[str, tuple[str, float,
             "created_at": pd.Timestamp(row["created_at"]).tz_localize("UTC")
             if pd.Timestamp(row["created_at"]).tzinfo is None else pd.Timestamp(row["created_at"]).tz_convert("UTC"),
             "team": row["team"], "experiment": row["experiment"], "workload": row.get("workload", ""),
-            "status": row["status"], "quote_usd": row["quote_usd"], "actual_usd": row["actual_usd"] or 0.0,
+            "status": row["status"], "attempts": row.get("attempts", 1),
+            # Sums are taken over the exact integer micro-dollars; the float column is for reading.
+            "quote_usd": float(row["quote_usd"]), "actual_usd": float(row["actual_usd"] or 0.0),
+            "actual_micros": int(row.get("spent_micros", round(float(row["actual_usd"] or 0.0) * 1e6))),
             "metric": metric, "value": value, "cost_per_point_usd": per_point,
             "mlflow_run_id": row.get("mlflow_run_id"), "reservation_id": row["id"],
         })
@@ -36,9 +39,10 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return pd.DataFrame(columns=["team", "experiment", "runs", "actual_usd", "quote_usd", "mean_cost_per_point_usd"])
     grouped = frame.groupby(["team", "experiment"], as_index=False).agg(
-        runs=("reservation_id", "count"), actual_usd=("actual_usd", "sum"), quote_usd=("quote_usd", "sum"),
+        runs=("reservation_id", "count"), actual_micros=("actual_micros", "sum"), quote_usd=("quote_usd", "sum"),
         mean_cost_per_point_usd=("cost_per_point_usd", "mean"),
     )
+    grouped.insert(3, "actual_usd", grouped.pop("actual_micros") / 1_000_000)  # from an exact integer sum
     return grouped.sort_values("actual_usd", ascending=False, ignore_index=True)
 
 

@@ -6,32 +6,43 @@ from pydantic import BaseModel, ConfigDict
 
 from oppen.cost.forecast import relative_error
 from oppen.cost.meter import CostMeter
+from oppen.cost.money import to_micros, usd_float
 from oppen.cost.price_book import Resources
 from oppen.cost.quote import Quote
 from oppen.cost.utilization import Utilization
 
 
 class RunCost(BaseModel):
+    """One attempt's cost and the run's total, in exact micro-dollars, with the figures behind them.
+
+    `cost_usd` is the run's total over all its attempts (what the ledger, MLflow and the artifacts
+    all show); `attempt_cost_usd` is this attempt's part. The float fields describe this attempt.
+    """
+
     model_config = ConfigDict(frozen=True)
 
     status: str  # settled | stopped | failed | preempted
-    cost_usd: float  # everything this run was billed, loading to logging
+    attempt: int  # 1 for most runs; n for the n-th attempt of a rescheduled run
+    charges_micros: dict[str, int]  # this attempt, per UTC month it ran in
+    prior_micros: int  # what the run's earlier attempts spent (as the ledger knew it)
+    run_cost_micros: int  # the run's total: prior + this attempt (the ledger's figure once settled)
     training_usd: float  # from training's start to its end
-    at_training_end_usd: float  # everything spent up to the end of training (loading and quoting included)
-    tail_reserve_usd: float  # what the cap kept back for the work after training (test pass, model logging)
-    on_demand_usd: float  # the same seconds at the full on-demand price
+    at_training_end_usd: float  # everything this attempt spent up to the end of training
+    tail_reserve_usd: float  # what the limit kept back for the work after training (test pass, model logging)
+    on_demand_usd: float  # this attempt's seconds at the full on-demand price
     seconds: float
     peak_seconds: float
     off_peak_seconds: float
     gpu_hours: float
     cpu_hours: float  # core-hours
     memory_gib_hours: float
-    cap_usd: float | None
-    cap_overshoot_usd: float | None  # > 0 when the cap was crossed (bounded by one step)
+    cap_usd: float | None  # the run's max_cost_usd
+    limit_usd: float | None  # what this attempt was allowed to spend (its hold, after any top-ups)
+    cap_overshoot_usd: float | None  # > 0 when the limit was crossed (bounded by one step)
     max_step_usd: float  # the most expensive step, the unit the overshoot bound is stated in
     quote_expected_usd: float | None
     quote_p90_usd: float | None
-    quote_error: float | None  # (quote - actual) / actual
+    quote_error: float | None  # (quote - actual) / actual, for an uninterrupted run
     forecast_after_epoch1_usd: float | None
     forecast_error: float | None  # after epoch 1: (forecast - actual) / actual
     metric_name: str | None
@@ -45,12 +56,33 @@ class RunCost(BaseModel):
     utilization: dict[str, float]
     stop_reason: str | None
 
+    @property
+    def attempt_cost_micros(self) -> int:
+        return sum(self.charges_micros.values())
+
+    @property
+    def cost_usd(self) -> float:
+        return usd_float(self.run_cost_micros)
+
+    @property
+    def attempt_cost_usd(self) -> float:
+        return usd_float(self.attempt_cost_micros)
+
+    def with_run_total(self, run_cost_micros: int) -> RunCost:
+        """The same attempt with the ledger's total for the run (it may know of attempts this one did not)."""
+        per_point = None
+        if self.cost_per_point_usd and self.run_cost_micros:
+            per_point = self.cost_per_point_usd * run_cost_micros / self.run_cost_micros
+        return self.model_copy(update={"run_cost_micros": run_cost_micros, "cost_per_point_usd": per_point})
+
     def mlflow_metrics(self) -> dict[str, float]:
         values: dict[str, float | None] = {
             "cost_usd": self.cost_usd,
+            "cost_attempt_usd": self.attempt_cost_usd,
+            "cost_attempts": float(self.attempt),
             "cost_training_usd": self.training_usd,
             "cost_on_demand_usd": self.on_demand_usd,
-            "cost_saving_usd": self.on_demand_usd - self.cost_usd,
+            "cost_saving_usd": self.on_demand_usd - self.attempt_cost_usd,
             "gpu_hours": self.gpu_hours,
             "cpu_hours": self.cpu_hours,
             "memory_gib_hours": self.memory_gib_hours,
@@ -63,6 +95,7 @@ class RunCost(BaseModel):
             "cost_per_point_usd": self.cost_per_point_usd,
             "cost_cap_overshoot_usd": self.cap_overshoot_usd,
             "cost_cap_usd": self.cap_usd,
+            "cost_limit_usd": self.limit_usd,
             "cost_at_training_end_usd": self.at_training_end_usd,
             "cost_tail_reserve_usd": self.tail_reserve_usd,
             "cost_max_step_usd": self.max_step_usd,
@@ -86,6 +119,11 @@ def points_of(metric: str, value: float, higher_is_better: bool, baseline: float
     return points if points > 0 else None
 
 
+def charges_of(meter: CostMeter) -> dict[str, int]:
+    """The meter's charges per month, each rounded once to whole micro-dollars."""
+    return {month: to_micros(usd) for month, usd in sorted(meter.totals.usd_by_month.items()) if usd > 0}
+
+
 def settle_from_meter(
     meter: CostMeter,
     *,
@@ -94,6 +132,8 @@ def settle_from_meter(
     quote: Quote | None,
     metric_name: str | None,
     metric_value: float | None,
+    attempt: int = 1,
+    prior_micros: int = 0,
     higher_is_better: bool = True,
     baseline: float | None = None,
     lost_seconds: float = 0.0,
@@ -101,19 +141,30 @@ def settle_from_meter(
     utilization: Utilization | None = None,
     stop_reason: str | None = None,
 ) -> RunCost:
+    """This attempt's cost from its meter, read now, and the run's total."""
     meter.tick()
     totals = meter.totals
+    charges = charges_of(meter)
+    run_micros = prior_micros + sum(charges.values())
+    run_usd = usd_float(run_micros)
     hours = totals.seconds / 3600
     training = (meter.training_usd_at_end or totals.usd) - (meter.training_usd_at_start or 0.0)
     epoch1 = next((p for p in meter.forecasts if p.basis == "epochs"), None)
-    forecast_error = relative_error(epoch1.forecast_usd, totals.usd) if epoch1 and status == "settled" else None
+    complete = status == "settled"
+    forecast_error = relative_error(epoch1.forecast_usd, run_usd) if epoch1 and complete else None
+    # A quote prices the whole run from its start: only an uninterrupted run can be compared with it.
+    quote_error = relative_error(quote.expected_usd, run_usd) if quote and complete and attempt == 1 else None
     points = points_of(metric_name, metric_value, higher_is_better, baseline) if metric_value is not None else None
-    # Only meaningful when the cap actually stopped the run; otherwise it is just unused headroom.
-    overshoot = (totals.usd - meter.cap_usd) if meter.cap_usd is not None and meter.stopped_for_cap else None
+    # Only meaningful when the limit actually stopped the run; otherwise it is just unused headroom.
+    limit = meter.limit_usd
+    overshoot = (totals.usd - limit) if limit is not None and meter.stopped_for_cap else None
     mean_price = totals.usd / totals.seconds if totals.seconds else 0.0
     return RunCost(
         status=status,
-        cost_usd=totals.usd,
+        attempt=attempt,
+        charges_micros=charges,
+        prior_micros=prior_micros,
+        run_cost_micros=run_micros,
         training_usd=training,
         at_training_end_usd=meter.training_usd_at_end if meter.training_usd_at_end is not None else totals.usd,
         tail_reserve_usd=meter.tail_reserve_usd,
@@ -125,16 +176,17 @@ def settle_from_meter(
         cpu_hours=resources.cpu_cores * hours,
         memory_gib_hours=resources.memory_gib * hours,
         cap_usd=meter.cap_usd,
+        limit_usd=limit,
         cap_overshoot_usd=overshoot,
         max_step_usd=max(meter.step_costs, default=0.0),
         quote_expected_usd=quote.expected_usd if quote else None,
         quote_p90_usd=quote.p90_usd if quote else None,
-        quote_error=relative_error(quote.expected_usd, totals.usd) if quote and status == "settled" else None,
+        quote_error=quote_error,
         forecast_after_epoch1_usd=epoch1.forecast_usd if epoch1 else None,
         forecast_error=forecast_error,
         metric_name=metric_name,
         metric_value=metric_value,
-        cost_per_point_usd=(totals.usd / points) if points else None,
+        cost_per_point_usd=(run_usd / points) if points else None,
         spot=meter.spot,
         spot_interruptions=interruptions,
         spot_lost_seconds=lost_seconds,
@@ -159,12 +211,16 @@ def render_cost_markdown(cost: RunCost, title: str) -> str:
         "| --- | --- |",
         f"| status | {cost.status}{' (' + cost.stop_reason + ')' if cost.stop_reason else ''} |",
         f"| cost | **{usd(cost.cost_usd)}** (training {usd(cost.training_usd)}) |",
-        f"| at on-demand prices | {usd(cost.on_demand_usd)} (saved {usd(cost.on_demand_usd - cost.cost_usd)}) |",
+        *([f"| attempts | {cost.attempt}: this one {usd(cost.attempt_cost_usd)}, earlier ones {usd(cost.cost_usd - cost.attempt_cost_usd)} |"]
+          if cost.attempt > 1 else []),
+        f"| booked to | {', '.join(f'{month}: {usd(micros / 1e6)}' for month, micros in cost.charges_micros.items()) or 'nothing'} |",
+        f"| at on-demand prices | {usd(cost.on_demand_usd)} (saved {usd(cost.on_demand_usd - cost.attempt_cost_usd)}) |",
         f"| time | {cost.seconds:.1f} s ({cost.off_peak_seconds:.1f} s off-peak) |",
         f"| GPU-hours / CPU core-hours / GiB-hours | {cost.gpu_hours:.6f} / {cost.cpu_hours:.6f} / {cost.memory_gib_hours:.6f} |",
         f"| quote (expected / p90) | {usd(cost.quote_expected_usd)} / {usd(cost.quote_p90_usd)}, error {pct(cost.quote_error)} |",
         f"| forecast after epoch 1 | {usd(cost.forecast_after_epoch1_usd)}, error {pct(cost.forecast_error)} |",
-        f"| cap | {usd(cost.cap_usd)}{', overshoot ' + usd(cost.cap_overshoot_usd) if cost.cap_usd else ''} "
+        f"| cap | {usd(cost.cap_usd)}; this attempt's limit {usd(cost.limit_usd)}"
+        f"{', overshoot ' + usd(cost.cap_overshoot_usd) if cost.cap_overshoot_usd is not None else ''} "
         f"(largest step {usd(cost.max_step_usd)}) |",
         f"| {cost.metric_name or 'metric'} | {'n/a' if cost.metric_value is None else f'{cost.metric_value:.4f}'} |",
         f"| cost per quality point | {usd(cost.cost_per_point_usd)} |",

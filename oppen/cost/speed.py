@@ -79,6 +79,7 @@ class PastRun(BaseModel):
     epoch_overhead_seconds: NonNegativeFloat = 0.0
     fixed_overhead_seconds: NonNegativeFloat = 0.0
     tail_seconds: NonNegativeFloat = 0.0
+    steps_per_epoch: int | None = Field(None, ge=1, description="The data's size in steps, for a quote before loading.")
 
 
 def from_history(runs: Sequence[PastRun], recent: int = 10) -> SpeedEstimate | None:

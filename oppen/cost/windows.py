@@ -59,3 +59,18 @@ def next_off_peak_start(off_peak: OffPeak, after: datetime) -> datetime:
         if opens > after:
             return opens
     raise AssertionError("a daily window always opens within two days")
+
+
+def utc_month_slices(start: datetime, end: datetime) -> list[tuple[str, datetime, datetime]]:
+    """[start, end) cut at UTC month boundaries: (YYYY-MM, from, to) for each month it touches."""
+    _require_aware(start)
+    _require_aware(end)
+    slices = []
+    cursor = start.astimezone(timezone.utc)
+    end = end.astimezone(timezone.utc)
+    while cursor < end:
+        first_of_next = (cursor.replace(day=1, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=32)).replace(day=1)
+        upto = min(end, first_of_next)
+        slices.append((cursor.strftime("%Y-%m"), cursor, upto))
+        cursor = upto
+    return slices

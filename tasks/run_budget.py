@@ -1,0 +1,38 @@
+"""The cost engine's RunBudget, wired to Prefect: its logger, its events, its publishing, its SIGTERM."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger
+from prefect.exceptions import TerminationSignal
+
+from oppen.cost.journal import SettlementJournal
+from oppen.cost.ledger import Ledger
+from oppen.cost.policy import CostPolicy
+from oppen.cost.price_book import PriceBook
+from oppen.cost.run_budget import RunBudget, SettledCost
+from oppen.settings import OppenSettings
+from tasks.cost_tasks import PrefectCostReporter, publish_cost
+from tasks.mlflow_tasks import TrackingRun
+
+
+def is_preemption(error: BaseException) -> bool:
+    """Prefect turns SIGTERM (eviction, preemption, spot reclaim) into TerminationSignal and reschedules the run."""
+    return isinstance(error, TerminationSignal)
+
+
+def open_run_budget(
+    settings: OppenSettings, ledger: Ledger, book: PriceBook, policy: CostPolicy, *, experiment: str, workload: str,
+    run_key: str, attempt_id: str, billing_from: float, tracking: TrackingRun, title: str,
+) -> RunBudget:
+    """A RunBudget whose forecasts and events reach MLflow and Prefect, and whose settlement is published there."""
+    reporter = PrefectCostReporter(tracking, policy.team, experiment)
+
+    def publish(settled: SettledCost) -> None:
+        publish_cost(settings, settled, tracking.run_id, title)
+
+    return RunBudget(
+        ledger=ledger, book=book, policy=policy, experiment=experiment, workload=workload, run_key=run_key,
+        attempt_id=attempt_id, journal=SettlementJournal(settings.journal_dir()), billing_from=billing_from,
+        on_event=reporter.event, on_forecast=reporter.forecast, publish=publish, is_preemption=is_preemption,
+        logger=get_run_logger(),
+    )
