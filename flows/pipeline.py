@@ -35,13 +35,14 @@ from oppen.errors import RequestError
 from oppen.settings import OppenSettings, load_settings
 from tasks.cost_history import SPEED_KEY_TAG, speed_key
 from tasks.cost_tasks import (
+    History,
     announce_refusal,
     announce_reservation,
     check_local_resources,
     precheck_budget,
-    quote_from_history,
     quote_metrics,
     quote_run,
+    read_history,
 )
 from tasks.gpu_slots import GpuSlots
 from tasks.mlflow_tasks import TrackingInfo, TrackingRun, register_if_good
@@ -50,7 +51,7 @@ from tasks.run_budget import open_run_budget
 from tasks.summary import TrainingSummary, publish_summary
 from tasks.training_tasks import evaluate_model, log_model, train_model
 from training.config import RunConfig
-from training.errors import TrainingRequestError
+from training.errors import DataUnavailable, TrainingRequestError
 from training.loop import Trained
 from training.results import EvalResult
 from training.runtime import select_device
@@ -102,15 +103,16 @@ def training_pipeline(request: TrainingRequest) -> State:
     try:
         book, key = admit(settings, request)
         with _ledger(settings) as ledger:
-            history = quote_from_history(settings, book, request.run, request.cost, key)
-            precheck_budget(ledger, request.cost, request.experiment, request.plan.name, run_key, attempt_id, history)
-            attempt = run_attempt(settings, ledger, book, request, key, run_key, attempt_id)
+            history = read_history(settings, book, request.run, request.cost, key)
+            precheck_budget(ledger, request.cost, request.experiment, request.plan.name, run_key, attempt_id,
+                            history.quote)
+            attempt = run_attempt(settings, ledger, book, request, key, history, run_key, attempt_id)
     except BudgetRefused as refused:
         return Failed(name="OverBudget", message=str(refused))
     except REQUEST_ERRORS as error:
         return Failed(name="InvalidRequest", message=_sentence(error))
-    except LedgerUnavailable as error:
-        return Failed(name="LedgerUnavailable", message=str(error))
+    except (LedgerUnavailable, DataUnavailable) as error:  # an outage, after retries; nothing was spent
+        return Failed(name=type(error).__name__, message=str(error))
     summary = publish_summary(_summary(request, attempt, run_key, time.perf_counter() - started))
     return _final_state(summary, attempt.settled)
 
@@ -127,7 +129,7 @@ def admit(settings: OppenSettings, request: TrainingRequest) -> tuple[PriceBook,
 
 
 def run_attempt(settings: OppenSettings, ledger: Ledger, book: PriceBook, request: TrainingRequest, key: str,
-                run_key: str, attempt_id: str) -> Attempt:
+                history: History, run_key: str, attempt_id: str) -> Attempt:
     plan, run, cost = request.plan, request.run, request.cost
     name = flow_run.get_name() or plan.name
     checkpoint_dir = settings.checkpoint_dir_for(*(run.checkpoint_subdir or f"{plan.name}/{run_key}").split("/"))
@@ -141,7 +143,7 @@ def run_attempt(settings: OppenSettings, ledger: Ledger, book: PriceBook, reques
     ):
         workload = plan.load()
         workload.check_run(run)
-        quote = quote_run(settings, book, workload, run, cost, key, time.monotonic() - slots.acquired_at)
+        quote = quote_run(book, workload, run, cost, history, time.monotonic() - slots.acquired_at)
         _reserve(budget, quote, request)
         tracking.open({"config": plan.config.model_dump(mode="json"), "run": run.model_dump(mode="json"),
                        "cost": cost.model_dump(mode="json")})

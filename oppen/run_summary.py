@@ -62,6 +62,9 @@ def print_summary(flow_run_id: str, env: dict[str, str]) -> RunReport:
     print(f"flow run        {report.flow_run_id} ({report.state})")
     print(f"test accuracy   {accuracy:.4f}" if accuracy is not None else "test accuracy   (none recorded)")
     print(f"duration        {report.duration_seconds:.1f} s" if report.duration_seconds else "duration        unknown")
+    cost = report.metrics.get("cost_usd")
+    print(f"cost            ${cost:.6f} (booked in the ledger: `oppen ledger`)" if cost is not None
+          else "cost            (none recorded)")
     print(f"MLflow run      {report.mlflow_run_id}")
     print(f"MLflow UI       {report.mlflow_ui or env['OPPEN_MLFLOW_TRACKING_URI']}")
     print(f"registered      {'; '.join(report.registered) or 'nothing (below threshold)'}")

@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.events import emit_event
 from prefect.runtime import flow_run
+from pydantic import BaseModel
 
 from oppen.cost.ledger import Ledger, Reservation, UnknownTeamError, utcnow
 from oppen.cost.meter import CostEvent, ForecastPoint
@@ -17,9 +18,9 @@ from oppen.cost.money import format_usd, to_micros
 from oppen.cost.policy import CostPolicy
 from oppen.cost.price_book import PriceBook, Resources
 from oppen.cost.quote import Quote, make_quote
-from oppen.cost.run_budget import BudgetRefused, SettledCost
+from oppen.cost.run_budget import BudgetRefused, SettledCost, least_hold_micros
 from oppen.cost.settlement import render_cost_markdown
-from oppen.cost.speed import RunShape, from_calibration, from_history
+from oppen.cost.speed import PastRun, RunShape, from_calibration, from_history
 from oppen.errors import RequestError
 from oppen.settings import OppenSettings
 from tasks.cost_history import past_runs
@@ -76,16 +77,22 @@ def _quote(book: PriceBook, policy: CostPolicy, run: RunConfig, speed, shape: Ru
                       spot_rate_per_hour=policy.spot_interruptions_per_hour, checkpoint_interval_s=checkpoint_interval)
 
 
+class History(BaseModel):
+    """This request's past runs (newest first), and the quote they give before any data is read."""
+
+    runs: list[PastRun]
+    quote: Quote | None
+
+
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=[1, 5])
-def quote_from_history(settings: OppenSettings, book: PriceBook, run: RunConfig, policy: CostPolicy,
-                       key: str) -> Quote | None:
-    """Before any data is read: the quote from this request's speed and size history (None without one)."""
+def read_history(settings: OppenSettings, book: PriceBook, run: RunConfig, policy: CostPolicy, key: str) -> History:
+    """Before any data is read: this request's speed and size history in MLflow, and the quote it gives."""
     runs = past_runs(client_for(settings), key)
     speed = from_history(runs)
     steps_per_epoch = next((past.steps_per_epoch for past in runs if past.steps_per_epoch), None)
     if speed is None or steps_per_epoch is None:
-        return None
-    return _quote(book, policy, run, speed, shape_of(steps_per_epoch, run))
+        return History(runs=runs, quote=None)
+    return History(runs=runs, quote=_quote(book, policy, run, speed, shape_of(steps_per_epoch, run)))
 
 
 @task(cache_policy=NONE)
@@ -100,20 +107,22 @@ def precheck_budget(ledger: Ledger, policy: CostPolicy, experiment: str, workloa
             f"unknown team {policy.team!r} (known: {', '.join(ledger.team_names())}); "
             "add it to the budgets file and run `oppen budgets apply`"
         )
-    request = 0
-    if quote is not None:
-        request = to_micros(quote.p90_usd)
-        if policy.max_cost_usd is not None:
-            request = min(request, to_micros(policy.max_cost_usd))
-    uses = ledger.budget_uses(policy.team, experiment, request)
-    exhausted = [use for use in uses if use.used_micros >= use.amount_micros]
-    over = exhausted or [use for use in uses if not use.fits]
-    if not over:
-        return
-    if exhausted:
-        reason = "; ".join(f"budget exhausted: {use.describe()}" for use in exhausted)
-    else:
-        reason = "; ".join(f"over budget (quoted from history, before loading): {use.describe()}" for use in over)
+    reason = _cap_left_too_small(ledger, policy, run_key, quote)
+    if reason is None:
+        request = 0
+        if quote is not None:
+            request = to_micros(quote.p90_usd)
+            if policy.max_cost_usd is not None:
+                request = min(request, to_micros(policy.max_cost_usd))
+        uses = ledger.budget_uses(policy.team, experiment, request)
+        exhausted = [use for use in uses if use.used_micros >= use.amount_micros]
+        over = exhausted or [use for use in uses if not use.fits]
+        if not over:
+            return
+        if exhausted:
+            reason = "; ".join(f"budget exhausted: {use.describe()}" for use in exhausted)
+        else:
+            reason = "; ".join(f"over budget (quoted from history, before loading): {use.describe()}" for use in over)
     ledger.refuse(team=policy.team, experiment=experiment, run_key=run_key, attempt_id=attempt_id, reason=reason,
                   workload=workload, quote_micros=to_micros(quote.expected_usd) if quote else 0,
                   cap_micros=to_micros(policy.max_cost_usd) if policy.max_cost_usd is not None else None)
@@ -121,11 +130,27 @@ def precheck_budget(ledger: Ledger, policy: CostPolicy, experiment: str, workloa
     raise BudgetRefused(f"refused before loading: {reason}")
 
 
+def _cap_left_too_small(ledger: Ledger, policy: CostPolicy, run_key: str, quote: Quote | None) -> str | None:
+    """A rescheduled run whose cap its earlier attempts (nearly) spent: refused before it loads anything again."""
+    if policy.max_cost_usd is None:
+        return None
+    earlier = ledger.attempts_of(run_key)
+    if not earlier:
+        return None
+    prior = sum(a["held_micros"] if a["status"] == "running" else (a["cost_micros"] or 0) for a in earlier)
+    left = to_micros(policy.max_cost_usd) - prior
+    needed = least_hold_micros(quote, quote.speed.fixed_overhead_seconds) if quote is not None else 1
+    if left >= needed:
+        return None
+    return (f"run cap {format_usd(to_micros(policy.max_cost_usd))} has {format_usd(max(left, 0))} left after its "
+            f"earlier attempts ({format_usd(prior)}), less than another attempt needs ({format_usd(needed)})")
+
+
 @task(cache_policy=NONE)
-def quote_run(settings: OppenSettings, book: PriceBook, workload: Workload, run: RunConfig, policy: CostPolicy,
-              key: str, fixed_overhead_seconds: float) -> Quote:
-    """Expected cost and p90 from this request's speed history in MLflow, else from a short calibration."""
-    speed = from_history(past_runs(client_for(settings), key))
+def quote_run(book: PriceBook, workload: Workload, run: RunConfig, policy: CostPolicy, history: History,
+              fixed_overhead_seconds: float) -> Quote:
+    """Expected cost and p90 from this request's speed history, else from a short calibration."""
+    speed = from_history(history.runs)
     if speed is None:
         started = time.perf_counter()
         measured = calibrate(workload, run, policy.calibration_steps)
@@ -135,8 +160,8 @@ def quote_run(settings: OppenSettings, book: PriceBook, workload: Workload, run:
         tail = 2 * measured.eval_seconds + TAIL_LOGGING_SECONDS
         speed = from_calibration(measured.step_seconds, run.batch_size, measured.eval_seconds,
                                  fixed_overhead_seconds + spent, tail)
-        get_run_logger().info("no speed history for %s: calibrated %d steps in %.1fs", key, len(measured.step_seconds),
-                              spent)
+        get_run_logger().info("no speed history for this request: calibrated %d steps in %.1fs",
+                              len(measured.step_seconds), spent)
     quote = _quote(book, policy, run, speed, shape_of(workload.steps_per_epoch(run.batch_size), run))
     get_run_logger().info("quote: %s", quote.summary())
     return quote

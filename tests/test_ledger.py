@@ -145,6 +145,32 @@ def test_a_rescheduled_run_reserves_again_within_what_its_cap_has_left(ledger_ur
     ledger.dispose()
 
 
+def test_an_attempt_the_cap_cannot_see_through_is_refused_not_started(ledger_url):
+    ledger = _ledger(ledger_url, amount=1.0)
+    cap = to_micros(0.5)
+    first = _reserve(ledger, "run", 0.4, cap_micros=cap)
+    _settle(ledger, first.attempt_id, 0.45, status="preempted")
+    # 0.05 left; the next attempt has already spent 0.02 loading and needs 0.04 more for its tail.
+    second = _reserve(ledger, "run", 0.4, attempt="run#2", cap_micros=cap, min_hold_micros=to_micros(0.06))
+    assert not second.accepted and second.held_micros == 0 and "less than this attempt needs" in second.reason
+    ledger.dispose()
+
+
+def test_sqlite_reads_neither_wait_for_a_writer_nor_block_it(tmp_path):
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = _ledger(url, amount=1.0)
+    writer = sqlite3.connect(tmp_path / "ledger.db", timeout=0.1, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process is mid-reservation
+    try:
+        assert ledger.usage("ml") == (0, 0) and ledger.rows() == []  # WAL: the reader sees the last commit
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    ledger.dispose()
+
+
 def test_a_reused_reservation_is_checked_against_the_budgets_again(ledger_url):
     ledger = _ledger(ledger_url, amount=1.0)
     first = _reserve(ledger, "long", 0.5)

@@ -113,6 +113,9 @@ class RunConfig(FrozenConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
     checkpoint_subdir: CheckpointSubdir = Field(
         None,
+        # The same rule as a schema pattern, so Prefect's server refuses a bad path when the run is created
+        # (in Python the validator above says what exactly is wrong).
+        json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,3}$"},
         description=(
             "A sub-folder of the platform's checkpoint root to keep this run's checkpoints in (None: one per flow "
             "run); a run started where a checkpoint of the same config exists resumes from it. 1-4 folder names "

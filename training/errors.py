@@ -13,3 +13,7 @@ class TrainingRequestError(ValueError):
 
 class DataError(TrainingRequestError):
     """The data a request names is missing, empty, corrupt or too small for it."""
+
+
+class DataUnavailable(RuntimeError):
+    """The data could not be fetched (no local copy, and the download failed): this may pass on a retry."""

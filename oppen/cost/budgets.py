@@ -57,7 +57,7 @@ def load_budgets(path: Path | None = None) -> BudgetsFile:
 def apply_budgets(ledger: Ledger, spec: BudgetsFile) -> list[str]:
     """Create or update every team and budget in one transaction; returns what changed (empty: no-op)."""
     changes: list[str] = []
-    with ledger.engine.begin() as conn:
+    with ledger.transaction() as conn:
         for team, team_spec in spec.teams.items():
             if ledger.upsert_team(team, conn):
                 changes.append(f"team {team}: created")

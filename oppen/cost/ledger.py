@@ -149,13 +149,18 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection) -> None:
-            # Take the write lock at the start: two reservations cannot both read the old usage.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # A write takes the write lock at the start, so two reservations cannot both read the old
+            # usage; a read begins deferred and, with WAL, neither waits for writers nor blocks them.
+            write = connection.get_execution_options().get(WRITE_OPTION, False)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
     # A ledger that is down must fail fast (the caller journals and retries), not hang a run for minutes.
     connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
     return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+
+WRITE_OPTION = "oppen_ledger_write"
 
 
 def _utc(now: datetime | None) -> datetime:
@@ -185,8 +190,9 @@ class Ledger:
         self.engine.dispose()
 
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction (on SQLite it holds the write lock from its first statement)."""
+        with self.engine.connect().execution_options(**{WRITE_OPTION: True}) as conn, conn.begin():
             yield conn
 
     # --- teams and budgets -------------------------------------------------------------
@@ -253,19 +259,22 @@ class Ledger:
         hold_micros: Micros,
         hold_for: timedelta,
         cap_micros: Micros | None = None,
+        min_hold_micros: Micros = 0,
         workload: str = "",
         mlflow_run_id: str | None = None,
         now: datetime | None = None,
     ) -> Reservation:
         """Hold `hold_micros` for this attempt against every budget of the team and experiment, or refuse.
 
-        The hold never exceeds what the run's cap has left after its other attempts. A refusal is
-        recorded too (an attempt with status "refused", nothing held). Reserving an attempt id that
+        The hold never exceeds what the run's cap has left after its other attempts; when that is less
+        than `min_hold_micros` (what the attempt needs to end well), the attempt is refused. A refusal
+        is recorded too (an attempt with status "refused", nothing held). Reserving an attempt id that
         already exists returns that attempt unchanged (a retried reserve).
         """
-        self._check_amounts(quote_micros=quote_micros, hold_micros=hold_micros, cap_micros=cap_micros)
+        self._check_amounts(quote_micros=quote_micros, hold_micros=hold_micros, cap_micros=cap_micros,
+                            min_hold_micros=min_hold_micros)
         now = _utc(now)
-        with self._tx() as c:
+        with self.transaction() as c:
             self._lock_team(c, team)
             self._expire_stale(c, now, team)
             run = c.execute(select(runs).where(runs.c.run_key == run_key)).first()
@@ -278,9 +287,13 @@ class Ledger:
             cap = _tighter(run.cap_micros if run is not None else None, cap_micros)
             hold, reason = hold_micros, None
             if cap is not None:
+                hold = max(0, min(hold, cap - prior))
                 if prior >= cap:
                     reason = f"run cap {format_usd(cap)} already spent by its earlier attempts ({format_usd(prior)})"
-                hold = max(0, min(hold, cap - prior))
+                elif hold < min_hold_micros:
+                    reason = (f"run cap {format_usd(cap)} has {format_usd(cap - prior)} left after its earlier attempts "
+                              f"({format_usd(prior)}), less than this attempt needs to end well "
+                              f"({format_usd(min_hold_micros)}: what it spent loading, its test pass and model logging)")
             uses = tuple(self._uses(c, team, experiment, month_of(now), hold))
             over = [use for use in uses if not use.fits]
             if reason is None and over:
@@ -317,7 +330,7 @@ class Ledger:
     ) -> Reservation:
         """Record a refusal decided before any hold was asked for (an exhausted budget, a quote that cannot fit)."""
         now = _utc(now)
-        with self._tx() as c:
+        with self.transaction() as c:
             self._lock_team(c, team)
             run = c.execute(select(runs).where(runs.c.run_key == run_key)).first()
             if run is None:
@@ -346,7 +359,7 @@ class Ledger:
     ) -> Grant:
         """Top a running attempt's hold up towards `to_micros`, as far as its run's cap and every budget allow."""
         now = _utc(now)
-        with self._tx() as c:
+        with self.transaction() as c:
             team, run_id = self._owner_of(c, attempt_id)
             self._lock_team(c, team)
             self._expire_stale(c, now, team)
@@ -391,7 +404,7 @@ class Ledger:
                 raise LedgerError(f"a charge is a YYYY-MM month and whole micro-dollars >= 0, got {month!r}: {amount!r}")
         now = _utc(now)
         total = sum(charges_by_month.values())
-        with self._tx() as c:
+        with self.transaction() as c:
             team, run_id = self._owner_of(c, attempt_id)
             self._lock_team(c, team)
             attempt = c.execute(select(attempts).where(attempts.c.id == attempt_id)).first()
@@ -430,7 +443,7 @@ class Ledger:
 
     def expire_stale(self, now: datetime | None = None) -> list[str]:
         """Charge every hold past its expiry (all teams); returns the attempts that expired."""
-        with self._tx() as c:
+        with self.transaction() as c:
             return self._expire_stale(c, _utc(now), None)
 
     # --- reading ------------------------------------------------------------------------
@@ -494,7 +507,7 @@ class Ledger:
         if conn is not None:
             yield conn
         else:
-            with self._tx() as c:
+            with self.transaction() as c:
                 yield c
 
     @staticmethod

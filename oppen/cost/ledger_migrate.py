@@ -23,7 +23,7 @@ V1_STATUSES = {"reserved": "running", "settled": "settled", "stopped": "stopped"
 
 def migrate_v1(engine: Engine) -> bool:
     """Copy a v1 ledger's budgets and reservations into v2 tables; True when this call migrated."""
-    with engine.begin() as c:
+    with engine.connect().execution_options(oppen_ledger_write=True) as c, c.begin():
         if engine.dialect.name == "postgresql":
             c.exec_driver_sql("SELECT pg_advisory_xact_lock(80770001)")  # one migrator at a time
         if c.execute(select(ledger_meta.c.value).where(ledger_meta.c.key == "schema_version")).first():

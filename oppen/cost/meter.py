@@ -268,6 +268,7 @@ class CostMeter(Callback):
         needed = self.totals.usd + unit_usd + margin_usd + tail_usd
         if needed > self.limit_usd:
             self._ask_for_more(now, step.step, needed)
+            self.tick()  # the top-up took time (a busy ledger), and that time is billed: check again with it
         if would_cross_cap(self.totals.usd, unit_usd + margin_usd + tail_usd, self.limit_usd):
             self._stop(control, step, unit_usd, tail_usd)
 

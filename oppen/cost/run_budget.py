@@ -63,6 +63,15 @@ def hold_usd(quote: Quote) -> float:
     return quote.p90_usd + quote.hourly_usd / 3600 * extra_seconds
 
 
+def least_hold_micros(quote: Quote, spent_seconds: float) -> int:
+    """What an attempt must be able to spend to end well: what it has spent already (loading, quoting), the
+    expected tail (test pass, model logging) and two steps. A run's cap with less left than this refuses
+    the attempt, rather than let it start, stop at once and overspend the cap by its tail."""
+    step_seconds = quote.speed.seconds_per_sample * quote.shape.batch_size
+    seconds = spent_seconds + quote.speed.tail_seconds + 2 * step_seconds
+    return to_micros(quote.hourly_usd / 3600 * seconds)
+
+
 def hold_duration(quote: Quote) -> timedelta:
     """How long a hold lives without a settle: 3x the p90 duration plus an hour, at most the ledger's maximum."""
     return timedelta(seconds=min(3 * quote.p90_seconds + 3600, 90 * 86400))
@@ -143,18 +152,23 @@ class RunBudget:
         """Hold the p90 quote (never more than the run's cap has left) against every budget, or refuse."""
         self.quote = quote
         cap = to_micros(self.policy.max_cost_usd) if self.policy.max_cost_usd is not None else None
-        try:
-            reservation = self.ledger.reserve(
-                team=self.policy.team, experiment=self.experiment, run_key=self.run_key, attempt_id=self.attempt_id,
-                quote_micros=to_micros(quote.expected_usd), hold_micros=to_micros(hold_usd(quote)), cap_micros=cap,
-                hold_for=hold_duration(quote), workload=self.workload, mlflow_run_id=self.mlflow_run_id,
-            )
-        except TRANSIENT as error:
-            raise LedgerUnavailable(f"the budget ledger cannot be reached, so the run was not started: {error}") from error
-        self.reservation = reservation
+        # A SIGTERM between the ledger's commit and our noting the hold would orphan the hold until it expires.
+        with deferred_sigterm():
+            try:
+                reservation = self.ledger.reserve(
+                    team=self.policy.team, experiment=self.experiment, run_key=self.run_key,
+                    attempt_id=self.attempt_id, quote_micros=to_micros(quote.expected_usd),
+                    hold_micros=to_micros(hold_usd(quote)), cap_micros=cap, min_hold_micros=self._least_hold(quote),
+                    hold_for=hold_duration(quote), workload=self.workload, mlflow_run_id=self.mlflow_run_id,
+                )
+            except TRANSIENT as error:
+                raise LedgerUnavailable(
+                    f"the budget ledger cannot be reached, so the run was not started: {error}") from error
+            self.reservation = reservation
+            if reservation.accepted:
+                self.meter = self._make_meter(quote, reservation)
         if not reservation.accepted:
             raise BudgetRefused(f"refused before training: {reservation.reason}")
-        self.meter = self._make_meter(quote, reservation)
         return reservation
 
     def complete(self, outcome: Outcome) -> None:
@@ -165,8 +179,20 @@ class RunBudget:
         if self.reservation is None or not self.reservation.accepted or self.settled is not None:
             return False
         status = self._status_for(exc)
-        self.settled = self._settle(status, exc)
+        # From the meter's last reading to the ledger's commit, a SIGTERM waits (a few seconds at most: the
+        # ledger's retries); it is delivered when the booking is done, which may skip publishing. The next
+        # attempt then publishes the run's total, which the ledger has.
+        with deferred_sigterm():
+            try:
+                self.settled = self._book_attempt(status, exc)
+            except Exception:  # a bug here must not hide why the run ended; the hold's expiry still charges it
+                self.logger.exception("could not settle %s; its hold stays until it expires", self.attempt_id)
+                return False
+        self._publish(self.settled)
         return False
+
+    def _least_hold(self, quote: Quote) -> int:
+        return least_hold_micros(quote, spent_seconds=self.monotonic() - self.billing_from)
 
     # --- settling --------------------------------------------------------------------------
 
@@ -184,7 +210,8 @@ class RunBudget:
             return f"{type(exc).__name__}: {exc}"[:500] if exc is not None else "ended without reporting an outcome"
         return self.outcome.stop_reason if self.outcome else None
 
-    def _settle(self, status: str, exc: BaseException | None) -> SettledCost:
+    def _book_attempt(self, status: str, exc: BaseException | None) -> SettledCost:
+        """Read the meter, journal the settlement, book it in the ledger; (publishing comes after)."""
         outcome = self.outcome if status in ("settled", "stopped") else None
         cost = settle_from_meter(
             self.meter, status=status, resources=self.policy.resources, quote=self.quote,
@@ -202,18 +229,15 @@ class RunBudget:
             detail={"gpu_hours": cost.gpu_hours, "cpu_hours": cost.cpu_hours, "metric": cost.metric_name,
                     "value": cost.metric_value, "attempt": cost.attempt},
         )
-        with deferred_sigterm():  # a second SIGTERM must not cut the booking in half
-            path = self._journal(entry)
-            settlement, problem = self._book(entry)
-            if settlement is not None and path is not None:
-                self.journal.done(self.attempt_id)
+        path = self._journal(entry)
+        settlement, problem = self._book(entry)
+        if settlement is not None and path is not None:
+            self.journal.done(self.attempt_id)
         if settlement is not None:
             cost = cost.with_run_total(settlement.run_spent_micros)
             self.logger.info("settled %s: this attempt %s, the run %s (%s)", self.run_key,
                              format_usd(settlement.cost_micros), format_usd(settlement.run_spent_micros), status)
-        settled = SettledCost(cost, settlement, str(path) if path and settlement is None else None, problem)
-        self._publish(settled)
-        return settled
+        return SettledCost(cost, settlement, str(path) if path and settlement is None else None, problem)
 
     def _journal(self, entry: JournalEntry):
         try:

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.errors import DataError
+from training.errors import DataError, DataUnavailable
 
 ENV_VAR = "OPPEN_WIKITEXT_DIR"
 HUB_DATASET, HUB_CONFIG = "wikitext", "wikitext-2-raw-v1"
@@ -98,7 +98,7 @@ def load_wikitext(data_dir: Path | None = None) -> LmTexts:
     try:
         return download()
     except Exception as error:  # offline, hub unreachable: one clear message either way
-        raise TextDataError(
+        raise DataUnavailable(
             f"WikiText-2 is not available: no local copy was given and downloading {HUB_DATASET}/{HUB_CONFIG} "
             f"failed ({type(error).__name__}: {error}). Set {ENV_VAR} (or the data_dir parameter) to a "
             f"directory holding wiki.*.tokens files."

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.errors import DataError
+from training.errors import DataError, DataUnavailable
 
 ENV_VAR = "OPPEN_MNIST_DIR"
 HUB_DATASET = "ylecun/mnist"
@@ -169,7 +169,7 @@ def load_mnist(data_dir: Path | None = None, allow_download: bool = True) -> Mni
     try:
         return download()
     except Exception as error:  # no internet, hub down, datasets misconfigured: all end the same way
-        raise MnistDataError(
+        raise DataUnavailable(
             f"MNIST is not available: no local copy was given and downloading {HUB_DATASET} failed "
             f"({type(error).__name__}: {error}). Set {ENV_VAR} (or the data_dir parameter) to a directory "
             f"holding {', '.join(FILES.values())}."
