@@ -50,9 +50,10 @@ class PrefectStack:
         server = self.spawn("server", prefect_server_argv(self.port))
         wait_prefect_healthy(self.port, server, self.root / "server.log")
 
-    def run(self, *argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(list(argv), env=self.env, cwd=PROJECT_DIR, capture_output=True, text=True,
-                              check=check, timeout=timeout)
+    def run(self, *argv: str, check: bool = True, timeout: float = 300,
+            env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(list(argv), env=self.env | (env_extra or {}), cwd=PROJECT_DIR, capture_output=True,
+                              text=True, check=check, timeout=timeout)
 
     def prefect(self, *argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         return self.run(str(BIN / "prefect"), *argv, check=check, timeout=timeout)

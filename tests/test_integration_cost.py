@@ -14,6 +14,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from oppen.cost.budgets import open_ledger
+from oppen.cost.money import to_micros
 from tests.test_integration_local_pool import _deployment_run, _read_flow_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -35,12 +36,24 @@ def _ledger(stack):
     return open_ledger(f"sqlite:///{stack.root / 'oppen' / 'ledger.db'}")
 
 
-def _mlflow_run(stack, flow_run_id: str):
+def _mlflow_runs(stack, flow_run_id: str):
     client = MlflowClient(tracking_uri=stack.tracking_uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+    return client.search_runs([e.experiment_id for e in client.search_experiments()],
                               f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+
+
+def _mlflow_run(stack, flow_run_id: str):
+    runs = _mlflow_runs(stack, flow_run_id)
     assert len(runs) == 1
     return runs[0]
+
+
+def ledger_charges(stack, flow_run_id: str) -> list[dict]:
+    ledger = _ledger(stack)
+    try:
+        return ledger.charges_of(flow_run_id)
+    finally:
+        ledger.dispose()
 
 
 def _artifacts(stack, flow_run_id: str):
@@ -59,14 +72,17 @@ def test_settled_run_agrees_in_ledger_mlflow_and_artifact(stack, settled):
     [row] = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
     ledger.dispose()
     metrics = run.data.metrics
-    assert row["status"] == "settled" and row["reserved_usd"] == 0.0 and row["mlflow_run_id"] == run.info.run_id
-    assert row["actual_usd"] == pytest.approx(metrics["cost_usd"], abs=1e-12)
+    assert row["status"] == "settled" and row["held_micros"] == 0 and row["mlflow_run_id"] == run.info.run_id
+    # One figure everywhere, to the micro-dollar: the ledger's integer, MLflow, both artifacts, the state.
+    assert row["spent_micros"] == to_micros(metrics["cost_usd"]) == to_micros(metrics["cost_attempt_usd"]) > 0
     report = next(a for a in _artifacts(stack, flow_run_id) if a.key and a.key.endswith("-cost-report"))
-    assert f"**${metrics['cost_usd']:,.6f}**" in report.data
+    assert f"**${row['actual_usd']:,.6f}**" in report.data and "booked in the ledger" in report.data
     table = next(a for a in _artifacts(stack, flow_run_id) if a.key and a.key.endswith("-cost-table"))
     rows = {item["item"]: item["value"] for item in json.loads(table.data)}
-    assert round(rows["cost_usd"], 2) == round(row["actual_usd"], 2) == round(metrics["cost_usd"], 2)
-    assert rows["cost_usd"] == pytest.approx(row["actual_usd"], abs=1e-8)
+    assert to_micros(rows["cost_usd"]) == row["spent_micros"]
+    assert _read_flow_run(stack, flow_run_id).state.message.startswith(f"${row['actual_usd']:.6f}")
+    [charge] = ledger_charges(stack, flow_run_id)
+    assert charge["amount_micros"] == row["spent_micros"] and charge["kind"] == "usage"
     # The engine's other outputs are there: quote, per-epoch cost and forecast, hours, utilisation, speed.
     for key in ("quote_expected_usd", "quote_p90_usd", "cost_forecast_error", "cpu_hours", "gpu_hours",
                 "cost_per_point_usd", "util_cpu_cores_mean", "cost_seconds_per_sample", "cost_tail_s"):
@@ -77,33 +93,31 @@ def test_settled_run_agrees_in_ledger_mlflow_and_artifact(stack, settled):
     assert abs(metrics["cost_forecast_error"]) < 0.5  # sanity only: accuracy is measured in bench/
 
 
-def test_run_over_budget_is_refused_before_training(stack):
+def test_run_over_budget_is_refused_before_training_and_recorded(stack, settled):
     ledger = _ledger(stack)
     ledger.upsert_team("tiny")
     ledger.set_budget("tiny", 0.000001, "monthly")
     ledger.dispose()
+    # The same request as the settled run, so its history quotes it before a byte of data is read.
     result, flow_run_id = _deployment_run(stack, f"run={json.dumps(COST_RUN)}", 'cost={"team": "tiny"}', check=False)
     flow_run = _read_flow_run(stack, flow_run_id)
     assert flow_run.state.is_failed() and flow_run.state.name == "OverBudget"
-    assert "over budget: team tiny" in flow_run.state.message
-    run = _mlflow_run(stack, flow_run_id)
-    assert run.info.status == "KILLED"
-    trained = {"train_loss", "train_loss_step", "val_accuracy", "test_accuracy", "cost_usd", "cost_epoch_usd"}
-    assert not trained & set(run.data.metrics)
+    assert "refused before loading" in flow_run.state.message and "team tiny" in flow_run.state.message
+    assert _mlflow_runs(stack, flow_run_id) == []  # no MLflow run for a request that never ran
     ledger = _ledger(stack)
     [row] = [r for r in ledger.rows(team="tiny") if r["run_key"] == flow_run_id]
+    [attempt] = ledger.attempts_of(flow_run_id)
     ledger.dispose()
-    assert row["status"] == "refused" and row["reserved_usd"] == 0.0
+    assert row["status"] == "refused" and row["held_micros"] == row["spent_micros"] == 0
+    assert attempt["status"] == "refused" and "over budget" in attempt["reason"]
+    assert not (stack.root / "oppen" / "checkpoints" / "mnist" / flow_run_id).exists()  # no training step
 
 
 def test_unknown_team_fails_before_anything_is_spent(stack):
     result, flow_run_id = _deployment_run(stack, 'cost={"team": "no-such-team"}', check=False)
     flow_run = _read_flow_run(stack, flow_run_id)
-    assert flow_run.state.is_failed() and "unknown team 'no-such-team'" in flow_run.state.message
-    client = MlflowClient(tracking_uri=stack.tracking_uri)
-    found = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                               f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-    assert found == []  # refused before even the MLflow run was opened
+    assert flow_run.state.name == "InvalidRequest" and "unknown team 'no-such-team'" in flow_run.state.message
+    assert _mlflow_runs(stack, flow_run_id) == []  # refused before even the MLflow run was opened
 
 
 def test_capped_run_stops_mid_run_with_a_checkpoint_within_one_step_of_its_cap(stack, settled):
@@ -113,24 +127,22 @@ def test_capped_run_stops_mid_run_with_a_checkpoint_within_one_step_of_its_cap(s
                                           f'cost={{"max_cost_usd": {cap!r}}}')
     assert "Completed" in result.stdout
     metrics = _mlflow_run(stack, flow_run_id).data.metrics
-    step = metrics["cost_max_step_usd"]
-    assert metrics["cost_cap_usd"] == pytest.approx(cap)
-    # The guarantee: training stops before the step that would leave too little for the tail.
-    assert metrics["cost_at_training_end_usd"] + metrics["cost_tail_reserve_usd"] <= cap + step
-    # And the settled total lands at or under the cap: the tail reserve is deliberately generous, and the
-    # tail's real length varies by a second or two on a busy machine.
-    assert 0.5 * cap <= metrics["cost_usd"] <= 1.10 * cap
+    assert metrics["cost_cap_usd"] == pytest.approx(cap) and metrics["cost_limit_usd"] <= cap
+    # The guarantee: training stops one step before the step that would leave too little for the tail.
+    assert metrics["cost_at_training_end_usd"] + metrics["cost_tail_reserve_usd"] <= cap
+    # And the settled total lands under the cap: the tail reserve is deliberately generous (1.5x + 1 s).
+    assert 0.5 * cap <= metrics["cost_usd"] <= cap
     log = stack.log("worker")
     assert "budget cap" in log
     ledger = _ledger(stack)
     [row] = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
     ledger.dispose()
-    assert row["status"] == "stopped" and row["actual_usd"] == pytest.approx(metrics["cost_usd"], abs=1e-12)
+    assert row["status"] == "stopped" and row["spent_micros"] == to_micros(metrics["cost_usd"])
     checkpoint = stack.root / "oppen" / "checkpoints" / "mnist" / flow_run_id / "last.pt"
     assert checkpoint.exists()
     import torch
 
-    saved = torch.load(checkpoint, weights_only=False)
+    saved = torch.load(checkpoint, weights_only=True)  # checkpoints hold only tensors and plain values
     assert 0 < saved["step"] < 300 and saved["reason"].startswith("stopped: budget cap")
 
 

@@ -76,7 +76,8 @@ def test_mnist_deployment_trains_logs_and_registers(stack):
     assert run.info.status == "FINISHED"
     assert run.data.params["config.model"] == "default"
     assert run.data.params["run.max_steps"] == "40"
-    assert run.data.params["run.checkpoint_dir"].endswith(flow_run_id)
+    # Checkpoints go under the platform's root, one folder per flow run (a request may only name a sub-folder).
+    assert (stack.root / "oppen" / "checkpoints" / "mnist" / flow_run_id / "last.pt").exists()
     config = client.download_artifacts(run.info.run_id, "config.json")
     assert json.loads(open(config).read())["run"]["max_steps"] == 40
     for metric in ("train_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "test_accuracy"):
@@ -105,3 +106,4 @@ def test_missing_data_directory_fails_the_flow_run_with_the_reason(stack):
     flow_run = _read_flow_run(stack, flow_run_id)
     assert flow_run.state.is_failed()
     assert "/nonexistent/mnist does not exist" in flow_run.state.message
+    assert "Traceback" not in flow_run.state.message

@@ -18,6 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from oppen.cost.ledger import Ledger
+from oppen.cost.money import to_micros
 from tests.test_integration_local_pool import _deployment_run, _read_flow_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -27,12 +28,12 @@ RUN = {"epochs": 1, "batch_size": 128, "learning_rate": 5e-3, "max_steps": 160, 
        "log_every_steps": 10, "num_threads": 1}
 
 
-def _start(stack) -> str:
+def _start(stack, **extra) -> str:
     async def create():
         async with get_client() as client:
             deployment = await client.read_deployment_by_name("train-mnist/local")
             flow_run = await client.create_flow_run_from_deployment(
-                deployment.id, parameters={"run": RUN, "min_test_accuracy": 0.1}
+                deployment.id, parameters={"run": RUN, "min_test_accuracy": 0.1, **extra}
             )
             return str(flow_run.id)
 
@@ -71,6 +72,30 @@ def _state_names(stack, flow_run_id: str) -> list[str]:
         return asyncio.run(read())
 
 
+def _preempt_mid_epoch(stack, flow_run_id: str, at_least: int = EVERY * 2) -> int:
+    """SIGTERM to the flow run's process once it checkpointed mid-epoch; returns the checkpoint's step."""
+    checkpoint = stack.root / "oppen" / "checkpoints" / "mnist" / flow_run_id / "last.pt"
+
+    def mid_epoch_checkpoint():
+        if not checkpoint.exists():
+            return None
+        try:
+            step = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
+        except Exception:  # being replaced right now
+            return None
+        return step if at_least <= step < RUN["max_steps"] - EVERY else None
+
+    saved_step = _wait_for(mid_epoch_checkpoint, 240, "a mid-epoch checkpoint", stack)
+    supervisor = _wait_for(lambda: _supervisor_of(flow_run_id), 30, "the flow-run process", stack)
+    supervisor.send_signal(signal.SIGTERM)
+    return saved_step
+
+
+def _finished(stack, flow_run_id: str):
+    state = _read_flow_run(stack, flow_run_id).state
+    return state if state.is_final() else None
+
+
 def test_sigterm_reschedules_and_the_run_resumes_from_its_checkpoint(stack):
     # The uninterrupted reference.
     result, reference_id = _deployment_run(stack, f"run={json.dumps(RUN)}", "min_test_accuracy=0.1")
@@ -87,26 +112,8 @@ def test_sigterm_reschedules_and_the_run_resumes_from_its_checkpoint(stack):
     assert reference.data.metrics["steps_completed"] == RUN["max_steps"]
 
     flow_run_id = _start(stack)
-    checkpoint = stack.root / "oppen" / "checkpoints" / "mnist" / flow_run_id / "last.pt"
-
-    def mid_epoch_checkpoint():
-        if not checkpoint.exists():
-            return None
-        try:
-            step = torch.load(checkpoint, map_location="cpu", weights_only=False)["step"]
-        except Exception:  # being replaced right now
-            return None
-        return step if EVERY * 2 <= step < RUN["max_steps"] - EVERY else None
-
-    saved_step = _wait_for(mid_epoch_checkpoint, 240, "a mid-epoch checkpoint", stack)
-    supervisor = _wait_for(lambda: _supervisor_of(flow_run_id), 30, "the flow-run process", stack)
-    supervisor.send_signal(signal.SIGTERM)
-
-    def finished():
-        state = _read_flow_run(stack, flow_run_id).state
-        return state if state.is_final() else None
-
-    final = _wait_for(finished, 300, "the rescheduled run to finish", stack)
+    saved_step = _preempt_mid_epoch(stack, flow_run_id)
+    final = _wait_for(lambda: _finished(stack, flow_run_id), 300, "the rescheduled run to finish", stack)
     assert final.is_completed(), f"{final.name}: {final.message}\n{stack.log('worker')}"
     names = _state_names(stack, flow_run_id)
     assert "AwaitingRetry" in names, names  # Prefect's reschedule, not a crash or a retry of a failure
@@ -125,9 +132,45 @@ def test_sigterm_reschedules_and_the_run_resumes_from_its_checkpoint(stack):
     ledger = Ledger(f"sqlite:///{stack.root / 'oppen' / 'ledger.db'}")
     try:
         rows = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
+        attempts = ledger.attempts_of(flow_run_id)
     finally:
         ledger.dispose()
-    assert len(rows) == 1 and rows[0]["status"] == "settled"
-    attempts = [m.value for m in mlflow.get_metric_history(run.info.run_id, "cost_usd")]
-    assert len(attempts) == 2 and all(cost > 0 for cost in attempts)  # the preempted attempt, then the last
-    assert rows[0]["actual_usd"] == pytest.approx(sum(attempts), rel=1e-6)
+    assert len(rows) == 1 and rows[0]["status"] == "settled" and rows[0]["attempts"] == 2
+    assert [a["status"] for a in attempts] == ["preempted", "settled"] and all(a["cost_micros"] > 0 for a in attempts)
+    # MLflow keeps each attempt's part (step = attempt) and the run's total; all three agree to the micro-dollar.
+    parts = sorted(mlflow.get_metric_history(run.info.run_id, "cost_attempt_usd"), key=lambda m: m.step)
+    assert [to_micros(m.value) for m in parts] == [a["cost_micros"] for a in attempts]
+    assert to_micros(run.data.metrics["cost_usd"]) == rows[0]["spent_micros"] == sum(a["cost_micros"] for a in attempts)
+
+
+def test_a_rescheduled_run_with_a_cap_stops_at_the_cap_summed_over_its_attempts(stack):
+    """Attempt 2 may spend only what attempt 1 left of the cap: it resumes, then stops at the cap."""
+    for _ in range(2):  # the second is quoted from the first's history, as the capped run's attempts will be
+        reference_id = _start(stack)
+        reference = _wait_for(lambda: _finished(stack, reference_id), 300, "an uncapped reference run", stack)
+        assert reference.is_completed()
+    ledger = Ledger(f"sqlite:///{stack.root / 'oppen' / 'ledger.db'}")
+    try:
+        [full] = [r["spent_micros"] for r in ledger.rows() if r["run_key"] == reference_id]
+        # Enough for attempt 1 to reach the middle with the tail reserve kept back (on a run this small the
+        # reserve is a third of the cost), not enough to pay for a second loading and the second half too.
+        cap_micros = int(1.15 * full)
+        flow_run_id = _start(stack, cost={"max_cost_usd": cap_micros / 1e6})
+        _preempt_mid_epoch(stack, flow_run_id, at_least=RUN["max_steps"] // 2)
+        final = _wait_for(lambda: _finished(stack, flow_run_id), 300, "the rescheduled run to finish", stack)
+        assert final.is_completed(), f"{final.name}: {final.message}\n{stack.log('worker')}"
+        [row] = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
+        first, second = ledger.attempts_of(flow_run_id)
+    finally:
+        ledger.dispose()
+    assert (first["status"], second["status"]) == ("preempted", "stopped")
+    # The whole run, both attempts, stays under the one cap; without the carry-over attempt 2 would have had
+    # the full cap again, and finished all 160 steps at about 1.3x the cap.
+    assert row["cap_micros"] == cap_micros and row["spent_micros"] == first["cost_micros"] + second["cost_micros"]
+    assert row["spent_micros"] <= cap_micros
+    mlflow = MlflowClient(tracking_uri=stack.tracking_uri)
+    [run] = mlflow.search_runs([mlflow.get_experiment_by_name("mnist").experiment_id],
+                               f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert run.data.metrics["steps_completed"] < RUN["max_steps"]
+    assert to_micros(run.data.metrics["cost_usd"]) == row["spent_micros"]
+    assert run.data.metrics["cost_limit_usd"] <= (cap_micros - first["cost_micros"]) / 1e6 + 1e-6
