@@ -28,6 +28,7 @@ from oppen.cost.budgets import open_ledger
 from oppen.cost.ledger import Ledger
 from oppen.cost.policy import CostPolicy
 from oppen.cost.price_book import PriceBook, load_price_book
+from oppen.cost.quote import Quote
 from oppen.cost.run_budget import BudgetRefused, LedgerUnavailable, Outcome, RunBudget, SettledCost
 from oppen.cost.spot import InterruptionSchedule, SpotSimulator
 from oppen.cost.utilization import UtilizationSampler
@@ -157,7 +158,7 @@ def run_attempt(settings: OppenSettings, ledger: Ledger, book: PriceBook, reques
         slots.release()  # the GPUs are free once the model is saved
         registered = register_if_good(settings, request.model_name, model_uri, evaluation, request.threshold,
                                       DEVELOPMENT_ALIAS)
-        tracking.log(_speed_metrics(budget, trained, spot), trained.result.steps)
+        tracking.log(_speed_metrics(budget, quote, trained, spot), trained.result.steps)
         budget.complete(Outcome(
             stopped=trained.result.stopped_early, metric_name=evaluation.primary_metric,
             metric_value=evaluation.primary_value, higher_is_better=evaluation.higher_is_better,
@@ -168,7 +169,7 @@ def run_attempt(settings: OppenSettings, ledger: Ledger, book: PriceBook, reques
     return Attempt(trained, evaluation, model_uri, registered, tracking.info, budget.settled)
 
 
-def _reserve(budget: RunBudget, quote, request: TrainingRequest) -> None:
+def _reserve(budget: RunBudget, quote: Quote, request: TrainingRequest) -> None:
     try:
         reservation = budget.reserve(quote)
     except BudgetRefused as refused:
@@ -193,7 +194,7 @@ def _spot_simulator(book: PriceBook, cost: CostPolicy) -> SpotSimulator | None:
     return SpotSimulator(InterruptionSchedule(rate, cost.spot_seed))
 
 
-def _speed_metrics(budget: RunBudget, trained: Trained, spot: SpotSimulator | None) -> dict[str, float]:
+def _speed_metrics(budget: RunBudget, quote: Quote, trained: Trained, spot: SpotSimulator | None) -> dict[str, float]:
     """This run's speed, for the next quote of the same request (not from interrupted runs: skewed)."""
     meter, result = budget.meter, trained.result
     samples = result.samples_per_second * result.train_seconds
@@ -205,7 +206,8 @@ def _speed_metrics(budget: RunBudget, trained: Trained, spot: SpotSimulator | No
     return {
         "cost_seconds_per_sample": max(loop_seconds, 1e-9) / samples,
         "cost_epoch_overhead_s": sorted(overheads)[len(overheads) // 2],
-        "cost_fixed_overhead_s": meter.seconds_at_train_start or 0.0,
+        # Loading and quoting, without a calibration: a run quoted from history will not calibrate.
+        "cost_fixed_overhead_s": max(0.0, (meter.seconds_at_train_start or 0.0) - quote.calibration_seconds),
         # Measured up to here (registration included); the cost publishing that follows is ~constant.
         "cost_tail_s": max(0.0, meter.totals.seconds - (meter.seconds_at_train_end or meter.totals.seconds)),
     }

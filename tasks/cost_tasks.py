@@ -150,7 +150,7 @@ def _cap_left_too_small(ledger: Ledger, policy: CostPolicy, run_key: str, quote:
 def quote_run(book: PriceBook, workload: Workload, run: RunConfig, policy: CostPolicy, history: History,
               fixed_overhead_seconds: float) -> Quote:
     """Expected cost and p90 from this request's speed history, else from a short calibration."""
-    speed = from_history(history.runs)
+    speed, spent = from_history(history.runs), 0.0
     if speed is None:
         started = time.perf_counter()
         measured = calibrate(workload, run, policy.calibration_steps)
@@ -163,6 +163,7 @@ def quote_run(book: PriceBook, workload: Workload, run: RunConfig, policy: CostP
         get_run_logger().info("no speed history for this request: calibrated %d steps in %.1fs",
                               len(measured.step_seconds), spent)
     quote = _quote(book, policy, run, speed, shape_of(workload.steps_per_epoch(run.batch_size), run))
+    quote = quote.model_copy(update={"calibration_seconds": spent})
     get_run_logger().info("quote: %s", quote.summary())
     return quote
 

@@ -28,12 +28,12 @@ RUN = {"epochs": 1, "batch_size": 128, "learning_rate": 5e-3, "max_steps": 160, 
        "log_every_steps": 10, "num_threads": 1}
 
 
-def _start(stack, **extra) -> str:
+def _start(stack, run: dict = RUN, **extra) -> str:
     async def create():
         async with get_client() as client:
             deployment = await client.read_deployment_by_name("train-mnist/local")
             flow_run = await client.create_flow_run_from_deployment(
-                deployment.id, parameters={"run": RUN, "min_test_accuracy": 0.1, **extra}
+                deployment.id, parameters={"run": run, "min_test_accuracy": 0.1, **extra}
             )
             return str(flow_run.id)
 
@@ -72,7 +72,7 @@ def _state_names(stack, flow_run_id: str) -> list[str]:
         return asyncio.run(read())
 
 
-def _preempt_mid_epoch(stack, flow_run_id: str, at_least: int = EVERY * 2) -> int:
+def _preempt_mid_epoch(stack, flow_run_id: str, at_least: int = EVERY * 2, steps: int = RUN["max_steps"]) -> int:
     """SIGTERM to the flow run's process once it checkpointed mid-epoch; returns the checkpoint's step."""
     checkpoint = stack.root / "oppen" / "checkpoints" / "mnist" / flow_run_id / "last.pt"
 
@@ -83,7 +83,7 @@ def _preempt_mid_epoch(stack, flow_run_id: str, at_least: int = EVERY * 2) -> in
             step = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
         except Exception:  # being replaced right now
             return None
-        return step if at_least <= step < RUN["max_steps"] - EVERY else None
+        return step if at_least <= step < steps - EVERY else None
 
     saved_step = _wait_for(mid_epoch_checkpoint, 240, "a mid-epoch checkpoint", stack)
     supervisor = _wait_for(lambda: _supervisor_of(flow_run_id), 30, "the flow-run process", stack)
@@ -145,18 +145,19 @@ def test_sigterm_reschedules_and_the_run_resumes_from_its_checkpoint(stack):
 
 def test_a_rescheduled_run_with_a_cap_stops_at_the_cap_summed_over_its_attempts(stack):
     """Attempt 2 may spend only what attempt 1 left of the cap: it resumes, then stops at the cap."""
+    run = RUN | {"max_steps": 400}  # long enough that the tail kept in reserve is a small part of the cost
     for _ in range(2):  # the second is quoted from the first's history, as the capped run's attempts will be
-        reference_id = _start(stack)
+        reference_id = _start(stack, run=run)
         reference = _wait_for(lambda: _finished(stack, reference_id), 300, "an uncapped reference run", stack)
         assert reference.is_completed()
     ledger = Ledger(f"sqlite:///{stack.root / 'oppen' / 'ledger.db'}")
     try:
         [full] = [r["spent_micros"] for r in ledger.rows() if r["run_key"] == reference_id]
-        # Enough for attempt 1 to reach the middle with the tail reserve kept back (on a run this small the
-        # reserve is a third of the cost), not enough to pay for a second loading and the second half too.
-        cap_micros = int(1.15 * full)
-        flow_run_id = _start(stack, cost={"max_cost_usd": cap_micros / 1e6})
-        _preempt_mid_epoch(stack, flow_run_id, at_least=RUN["max_steps"] // 2)
+        # What the run costs in one go: enough for attempt 1 to reach the middle with the tail kept in reserve,
+        # not enough to pay for a second loading and the second half too.
+        cap_micros = full
+        flow_run_id = _start(stack, run=run, cost={"max_cost_usd": cap_micros / 1e6})
+        _preempt_mid_epoch(stack, flow_run_id, at_least=run["max_steps"] // 2, steps=run["max_steps"])
         final = _wait_for(lambda: _finished(stack, flow_run_id), 300, "the rescheduled run to finish", stack)
         assert final.is_completed(), f"{final.name}: {final.message}\n{stack.log('worker')}"
         [row] = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
@@ -165,12 +166,12 @@ def test_a_rescheduled_run_with_a_cap_stops_at_the_cap_summed_over_its_attempts(
         ledger.dispose()
     assert (first["status"], second["status"]) == ("preempted", "stopped")
     # The whole run, both attempts, stays under the one cap; without the carry-over attempt 2 would have had
-    # the full cap again, and finished all 160 steps at about 1.3x the cap.
+    # the full cap again, and finished all 400 steps at about 1.15x the cap (a second loading, half the run).
     assert row["cap_micros"] == cap_micros and row["spent_micros"] == first["cost_micros"] + second["cost_micros"]
     assert row["spent_micros"] <= cap_micros
     mlflow = MlflowClient(tracking_uri=stack.tracking_uri)
-    [run] = mlflow.search_runs([mlflow.get_experiment_by_name("mnist").experiment_id],
-                               f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-    assert run.data.metrics["steps_completed"] < RUN["max_steps"]
-    assert to_micros(run.data.metrics["cost_usd"]) == row["spent_micros"]
-    assert run.data.metrics["cost_limit_usd"] <= (cap_micros - first["cost_micros"]) / 1e6 + 1e-6
+    [tracked] = mlflow.search_runs([mlflow.get_experiment_by_name("mnist").experiment_id],
+                                   f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert tracked.data.metrics["steps_completed"] < run["max_steps"]
+    assert to_micros(tracked.data.metrics["cost_usd"]) == row["spent_micros"]
+    assert tracked.data.metrics["cost_limit_usd"] <= (cap_micros - first["cost_micros"]) / 1e6 + 1e-6

@@ -111,3 +111,23 @@ def test_malformed_price_book_files_are_rejected(tmp_path, monkeypatch):
 def test_naive_datetimes_are_refused():
     with pytest.raises(ValueError, match="no timezone"):
         price_interval(BOOK, ONE_GPU, datetime(2026, 1, 1), datetime(2026, 1, 1) + timedelta(hours=1))
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/New_York"])
+def test_the_meters_price_cursor_gives_exactly_what_the_exact_split_gives(zone):
+    """Short steps, long gaps, window edges and a DST change (8 March in New York, 29 March in Berlin)."""
+    import random
+
+    from oppen.cost.price_book import OffPeak
+    from oppen.cost.pricing import PriceCursor
+
+    book = PriceBook(off_peak=OffPeak(timezone=zone))
+    resources = Resources(gpus=1, cpu_cores=4)
+    cursor = PriceCursor(book, resources, spot=True)
+    moment, rng = datetime(2026, 3, 7, 20, 0, tzinfo=timezone.utc), random.Random(7)
+    for _ in range(5000):
+        end = moment + timedelta(seconds=rng.choice([0.01, 0.5, 7.0, 600.0, 5 * 3600.0]))
+        fast, exact = cursor.price(moment, end), price_interval(book, resources, moment, end, spot=True)
+        assert fast.usd == pytest.approx(exact.usd, rel=1e-12, abs=1e-18)
+        assert (fast.peak_seconds, fast.off_peak_seconds) == (exact.peak_seconds, exact.off_peak_seconds)
+        moment = end

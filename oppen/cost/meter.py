@@ -31,7 +31,7 @@ from oppen.cost.forecast import (
     would_cross_cap,
 )
 from oppen.cost.price_book import PriceBook, Resources
-from oppen.cost.pricing import price_interval
+from oppen.cost.pricing import PriceCursor
 from oppen.cost.windows import utc_month_slices
 from training.callbacks import Callback, LoopControl, RunInfo, StepInfo
 from training.results import EpochRecord, TrainResult
@@ -123,6 +123,7 @@ class CostMeter(Callback):
         thresholds: tuple[float, ...] = THRESHOLDS,
     ) -> None:
         self.book, self.resources, self.spot = book, resources, spot
+        self._prices = PriceCursor(book, resources, spot)
         self.cap_usd = cap_usd  # the run's cap over all its attempts
         self.prior_usd = prior_usd  # what the run's earlier attempts spent
         # This attempt may spend at most its hold; without one, whatever the cap has left.
@@ -171,7 +172,7 @@ class CostMeter(Callback):
         if seconds > 0:
             before = self.totals.usd
             for month, begin, upto in utc_month_slices(end - timedelta(seconds=seconds), end):
-                cost = price_interval(self.book, self.resources, begin, upto, spot=self.spot)
+                cost = self._prices.price(begin, upto)
                 self.totals.usd += cost.usd
                 self.totals.usd_by_month[month] += cost.usd
                 self.totals.peak_seconds += cost.peak_seconds
@@ -182,7 +183,7 @@ class CostMeter(Callback):
         return end
 
     def price(self, start: datetime, seconds: float) -> float:
-        return price_interval(self.book, self.resources, start, at(start, seconds), spot=self.spot).usd
+        return self._prices.price(start, at(start, seconds)).usd
 
     @property
     def accrued_usd(self) -> float:

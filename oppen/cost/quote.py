@@ -29,6 +29,7 @@ class Quote(BaseModel):
     saving_usd: float  # expected_usd - cheapest_usd
     speed: SpeedEstimate
     shape: RunShape
+    calibration_seconds: float = 0.0  # spent calibrating this run (not loading: kept out of its speed history)
 
     def summary(self) -> str:
         when = "now" if self.cheapest_start <= self.start else self.cheapest_start.isoformat(timespec="minutes")

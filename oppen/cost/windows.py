@@ -65,12 +65,27 @@ def utc_month_slices(start: datetime, end: datetime) -> list[tuple[str, datetime
     """[start, end) cut at UTC month boundaries: (YYYY-MM, from, to) for each month it touches."""
     _require_aware(start)
     _require_aware(end)
-    slices = []
     cursor = start.astimezone(timezone.utc)
     end = end.astimezone(timezone.utc)
+    if (cursor.year, cursor.month) == (end.year, end.month):  # nearly always: one slice
+        return [(f"{cursor.year:04d}-{cursor.month:02d}", cursor, end)] if cursor < end else []
+    slices = []
     while cursor < end:
         first_of_next = (cursor.replace(day=1, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=32)).replace(day=1)
         upto = min(end, first_of_next)
         slices.append((cursor.strftime("%Y-%m"), cursor, upto))
         cursor = upto
     return slices
+
+
+def regime_at(off_peak: OffPeak, moment: datetime) -> tuple[datetime, datetime, bool]:
+    """The stretch of one price around `moment`: (from, until, off_peak?), bounded by the window's edges."""
+    _require_aware(moment)
+    moment = moment.astimezone(timezone.utc)
+    windows = off_peak_windows(off_peak, moment - timedelta(days=1), moment + timedelta(days=2))
+    for opens, closes in windows:
+        if opens <= moment < closes:
+            return opens, closes, True
+    before = max((closes for _, closes in windows if closes <= moment), default=moment)
+    after = min((opens for opens, _ in windows if opens > moment), default=moment + timedelta(days=1))
+    return before, after, False
