@@ -153,9 +153,9 @@ def test_a_rescheduled_run_with_a_cap_stops_at_the_cap_summed_over_its_attempts(
     ledger = Ledger(f"sqlite:///{stack.root / 'oppen' / 'ledger.db'}")
     try:
         [full] = [r["spent_micros"] for r in ledger.rows() if r["run_key"] == reference_id]
-        # What the run costs in one go: enough for attempt 1 to reach the middle with the tail kept in reserve,
-        # not enough to pay for a second loading and the second half too.
-        cap_micros = full
+        # 90% of what the run costs in one go: enough for attempt 1 to reach the middle with the tail kept in
+        # reserve, well short of paying for a second loading and the second half too.
+        cap_micros = int(0.9 * full)
         flow_run_id = _start(stack, run=run, cost={"max_cost_usd": cap_micros / 1e6})
         _preempt_mid_epoch(stack, flow_run_id, at_least=run["max_steps"] // 2, steps=run["max_steps"])
         final = _wait_for(lambda: _finished(stack, flow_run_id), 300, "the rescheduled run to finish", stack)

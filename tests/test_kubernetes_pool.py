@@ -172,6 +172,51 @@ def test_bad_job_variables_are_refused_with_a_clear_message(queue, variables, me
     assert message in str(refused.value)
 
 
+CPU_VARIABLES = ("cpu_request", "cpu_limit")
+MEMORY_VARIABLES = ("memory_request", "memory_limit")
+
+
+@pytest.mark.parametrize("value", ["500m", "2", "0.5", "1.5", "16", "250m", "0.1", None])
+@pytest.mark.parametrize("variable", CPU_VARIABLES)
+def test_kubernetes_cpu_quantities_pass(variable, value):
+    check_request(POOLS, "kubernetes-gpu", "normal", {variable: value})
+
+
+@pytest.mark.parametrize("value", ["128Mi", "16Gi", "1G", "512M", "1e9", "2048", "1.5Gi", "64k", "1Ti", "5E6", None])
+@pytest.mark.parametrize("variable", MEMORY_VARIABLES)
+def test_kubernetes_memory_quantities_pass(variable, value):
+    check_request(POOLS, "kubernetes-gpu", "normal", {variable: value})
+
+
+@pytest.mark.parametrize(
+    "variables, message",
+    [
+        *(({name: value}, f"job variable {name}: {value!r} is not a Kubernetes CPU quantity")
+          for name in CPU_VARIABLES
+          for value in ("2 cores", "-1", "1.5.2", "", " 2", "2Gi", "1k", "500M", "2.5 ")),
+        *(({name: value}, f"job variable {name}: {value!r} is not a Kubernetes memory quantity")
+          for name in MEMORY_VARIABLES
+          # "500m" parses as half a byte; "1K" and "10mi" are not suffixes at all.
+          for value in ("16GB", "-1", "1.5.2", "Gi", "10mi", "500m", "1K", "2 Gi", "1e", "0x10", "")),
+        ({"cpu_request": 2}, "job variable cpu_request: 2 is not valid under any of the given schemas"),
+    ],
+)
+def test_bad_resource_quantities_are_refused_naming_the_variable(variables, message):
+    with pytest.raises(JobVariablesError) as refused:
+        check_request(POOLS, "kubernetes-gpu", "normal", variables)
+    assert message in str(refused.value)
+
+
+def test_a_job_with_cpu_and_memory_quantities_renders_and_validates():
+    variables = {"image": "x", "cpu_request": "500m", "memory_request": "2Gi", "cpu_limit": "1.5", "memory_limit": "4G"}
+    check_request(POOLS, "kubernetes-gpu", "normal", variables)
+    manifest = render(variables)
+    validate_manifest(manifest)
+    resources = container(manifest)["resources"]
+    assert resources["requests"] == {"cpu": "500m", "memory": "2Gi"}
+    assert (resources["limits"]["cpu"], resources["limits"]["memory"]) == ("1.5", "4G")
+
+
 def test_all_problems_are_reported_at_once_and_unknown_names_list_the_known_ones():
     with pytest.raises(JobVariablesError) as refused:
         check_request(POOLS, "kubernetes-gpu", "normal", {"gpu_count": 0, "spot": 1, "gpus": 2})

@@ -36,7 +36,14 @@ def check_queue(pool: PoolSpec, queue: str | None) -> None:
 
 def _describe(error: jsonschema.ValidationError) -> str:
     where = ".".join(str(part) for part in error.absolute_path) or "(job variables)"
-    return f"job variable {where}: {error.message}"
+    message = error.message
+    if error.validator == "anyOf":
+        # A nullable variable is anyOf [a constrained string, null]: "not valid under any of the
+        # given schemas" says nothing, so say what the string should have been.
+        near = [branch for branch in error.context if branch.validator != "type"]
+        if len(near) == 1 and near[0].validator == "pattern" and "description" in near[0].schema:
+            message = f"{error.instance!r} is not {near[0].schema['description']}"
+    return f"job variable {where}: {message}"
 
 
 def template_defaults(template: dict[str, Any]) -> dict[str, Any]:

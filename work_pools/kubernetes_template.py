@@ -20,6 +20,8 @@ manifest on its own:
 - `tolerations` is one list (the server refuses placeholders that are not variables, so lists
   cannot be spliced); its default holds the platform tolerations (GPU and spot taints), and
   `work_pools.job_variables` refuses a list that drops them, with the entries to keep.
+- The default's `cpu_*` and `memory_*` variables are free strings: "2 cores" or "16GB" passes
+  Prefect and fails only when Kubernetes refuses the Job. They get Kubernetes quantity patterns.
 """
 
 from __future__ import annotations
@@ -56,6 +58,27 @@ TOLERATION_SCHEMA: dict[str, Any] = {
         "effect": {"type": "string", "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
         "tolerationSeconds": {"type": "integer"},
     },
+}
+
+# Kubernetes' resource.Quantity grammar, without a sign (a negative request is always a mistake):
+# a number ("2", "0.5", "1.", ".5") and a suffix. apimachinery's own regex accepts any run of suffix
+# letters and leaves the rest to its parser; these accept only the suffixes that parser knows.
+_NUMBER = r"([0-9]+(\.[0-9]*)?|\.[0-9]+)"
+# Cores or millicores. Other suffixes parse ("2k", "1Gi" CPUs), but no node has that many cores:
+# on a CPU quantity they are a memory value pasted in the wrong place, and the pod would stay Pending.
+CPU_QUANTITY_PATTERN = rf"^{_NUMBER}m?$"
+# Bytes: decimal SI (k M G T P E), binary (Ki Mi Gi Ti Pi Ei) or a decimal exponent (1e9, 5E6).
+# "m" (milli) parses too, but "500m" of memory is half a byte: someone meant 500M or 500Mi.
+MEMORY_QUANTITY_PATTERN = rf"^{_NUMBER}([kMGTPE]|[KMGTPE]i|[eE][0-9]+)?$"
+CPU_QUANTITY = "a Kubernetes CPU quantity: cores (2, 0.5, 1.5) or millicores (500m)"
+MEMORY_QUANTITY = ("a Kubernetes memory quantity: bytes with a binary (128Mi, 16Gi) or decimal (512M, 1G) suffix, "
+                   "an exponent (1e9) or none (2048)")
+# variable: (what it sets, the pattern, the format in words)
+RESOURCE_QUANTITIES = {
+    "cpu_request": ("CPU request", CPU_QUANTITY_PATTERN, CPU_QUANTITY),
+    "cpu_limit": ("CPU limit", CPU_QUANTITY_PATTERN, CPU_QUANTITY),
+    "memory_request": ("memory request", MEMORY_QUANTITY_PATTERN, MEMORY_QUANTITY),
+    "memory_limit": ("memory limit", MEMORY_QUANTITY_PATTERN, MEMORY_QUANTITY),
 }
 
 ADDED_VARIABLES: dict[str, dict[str, Any]] = {
@@ -117,7 +140,7 @@ def derive(default: dict[str, Any]) -> dict[str, Any]:
     """Our GPU template from prefect-kubernetes' default: all its variables kept, ours added."""
     template = copy.deepcopy(default)
     properties = template["variables"]["properties"]
-    missing = {"env", "image", "backoff_limit", "namespace", "cpu_request", "memory_request"} - set(properties)
+    missing = {"env", "image", "backoff_limit", "namespace", *RESOURCE_QUANTITIES} - set(properties)
     if missing:
         raise ValueError(f"prefect-kubernetes' default template lacks variables this derivation needs: {sorted(missing)}")
     properties.update(copy.deepcopy(ADDED_VARIABLES))
@@ -127,6 +150,11 @@ def derive(default: dict[str, Any]) -> dict[str, Any]:
     properties["service_account_name"]["default"] = "oppen-run"  # no Kubernetes API access
     properties["backoff_limit"].update({"default": 0, "maximum": 0,
                                         "description": "Always 0: Prefect reschedules interrupted runs, Kubernetes must not."})
+    for name, (what, pattern, quantity) in RESOURCE_QUANTITIES.items():
+        # Still nullable (null: none is set); the string branch's description is what
+        # work_pools.job_variables quotes when a value does not match.
+        properties[name]["anyOf"] = [{"type": "string", "pattern": pattern, "description": quantity}, {"type": "null"}]
+        properties[name]["description"] = f"The flow-run container's {what}, as {quantity}. Null: no {what}."
 
     configuration = template["job_configuration"]
     # Fixed env under the user's: Prefect merges deployment env over this dict.

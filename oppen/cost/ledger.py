@@ -606,7 +606,7 @@ class Ledger:
         # An attempt that died without settling (SIGKILL, node loss, a ledger outage it never
         # recovered from) must not hold budget forever: past its expiry it is charged its hold, the
         # conservative assumption, until a late settle replaces that charge with the real cost.
-        query = (select(attempts.c.id, attempts.c.run_id, attempts.c.held_micros, attempts.c.month)
+        query = (select(attempts.c.id, attempts.c.run_id, attempts.c.held_micros, attempts.c.expires_at)
                  .join(runs, attempts.c.run_id == runs.c.id)
                  .where(attempts.c.status == RUNNING, attempts.c.expires_at < now))
         if team:
@@ -614,9 +614,12 @@ class Ledger:
         stale = c.execute(query).all()
         reason = "held past its expiry without settling; charged its hold until a settle says otherwise"
         for row in stale:
+            # Booked to the month the hold expired in: a running hold counts against every month's budget,
+            # so that month kept room for all of it, top-ups included, and a late settle that moves part of
+            # it to earlier months moves it into room those months also kept while the attempt ran.
             if row.held_micros:
-                c.execute(insert(charges).values(attempt_id=row.id, month=row.month, amount_micros=row.held_micros,
-                                                 kind="expiry", booked_at=now))
+                c.execute(insert(charges).values(attempt_id=row.id, month=month_of(_as_utc(row.expires_at)),
+                                                 amount_micros=row.held_micros, kind="expiry", booked_at=now))
             c.execute(update(attempts).where(attempts.c.id == row.id).values(
                 status=EXPIRED, cost_micros=row.held_micros, held_micros=0, settled_at=now, reason=reason))
         for run_id in {row.run_id for row in stale}:

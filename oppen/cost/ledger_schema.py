@@ -87,7 +87,7 @@ attempts = Table(
     Column("status", String(16), nullable=False, index=True),
     Column("held_micros", BigInteger, nullable=False),  # counts against budgets while status is "running"
     Column("cost_micros", BigInteger, nullable=True),  # what it cost (the hold, if it expired unsettled)
-    Column("month", String(7), nullable=False),  # where an expiry charge is booked
+    Column("month", String(7), nullable=False),  # YYYY-MM (UTC) it was reserved in
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("settled_at", DateTime(timezone=True), nullable=True),

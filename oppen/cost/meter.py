@@ -41,6 +41,9 @@ Monotonic = Callable[[], float]
 # extend(wanted hold in USD) -> (the hold now, what limited it or None): an atomic top-up in the ledger.
 Extend = Callable[[float], tuple[float, str | None]]
 THRESHOLDS = (0.5, 0.7, 0.9, 1.0)
+# The first steps of an attempt pay for kernel selection and allocator warm-up (2-3x a normal step on
+# CPU); left in, they inflate epoch 1's step time, and every forecast made from it, for short epochs.
+WARMUP_STEPS = 3
 
 
 def system_clock() -> datetime:
@@ -161,6 +164,7 @@ class CostMeter(Callback):
         self.tail_reserve_usd = 0.0  # priced when the limit stops the run
         self.epoch_ends_done = 0
         self._step_started_usd = 0.0
+        self._attempt_steps = 0
 
     # --- accrual -------------------------------------------------------------------------
 
@@ -253,6 +257,7 @@ class CostMeter(Callback):
         self.timing.step_walls = []
         self.timing.last_step_end = None
         self.timing.pending_overhead_from = None
+        self._attempt_steps = 0
 
     def on_step_begin(self, step: StepInfo, control: LoopControl) -> None:
         now = self.tick()
@@ -277,7 +282,11 @@ class CostMeter(Callback):
         now = self.tick()
         mono = self._last_mono
         self.step_costs.append(self.totals.usd - self._step_started_usd)
-        if self.timing.last_step_end is not None:
+        self._attempt_steps += 1
+        warming_up = self._attempt_steps <= WARMUP_STEPS and step.steps_per_epoch > 10 * WARMUP_STEPS
+        if warming_up:
+            pass  # not representative of the run's speed (see WARMUP_STEPS); still billed, as every step
+        elif self.timing.last_step_end is not None:
             self.timing.step_walls.append(mono - self.timing.last_step_end)
         elif step.step_seconds is not None:
             self.timing.step_walls.append(step.step_seconds)  # first step of an attempt: its own compute time
