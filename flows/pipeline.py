@@ -195,19 +195,29 @@ def _spot_simulator(book: PriceBook, cost: CostPolicy) -> SpotSimulator | None:
 
 
 def _speed_metrics(budget: RunBudget, quote: Quote, trained: Trained, spot: SpotSimulator | None) -> dict[str, float]:
-    """This run's speed, for the next quote of the same request (not from interrupted runs: skewed)."""
+    """This run's speed, for the next quote of the same request (not from interrupted runs: skewed).
+
+    Seconds per sample is the steady speed of the last epoch; what the loop took beyond that (a first
+    epoch's warm-up) is a once-per-run cost and goes with the loading into the fixed overhead, so a
+    quote is right for one epoch as for ten.
+    """
     meter, result = budget.meter, trained.result
     samples = result.samples_per_second * result.train_seconds
-    if (spot and spot.interruptions) or result.resumed_from_step or samples <= 0 or not meter.timing.epoch_overheads:
+    steady_step = meter.timing.last_epoch_step_seconds
+    if (spot and spot.interruptions) or result.resumed_from_step or samples <= 0 or not meter.timing.epoch_overheads \
+            or not steady_step:
         return {}
     overheads = meter.timing.epoch_overheads
-    loop_seconds = result.train_seconds - sum(overheads)
+    loop_seconds = max(result.train_seconds - sum(overheads), 1e-9)
+    per_sample = min(steady_step / quote.shape.batch_size, loop_seconds / samples)
+    warm_up = loop_seconds - samples * per_sample
     meter.tick()
     return {
-        "cost_seconds_per_sample": max(loop_seconds, 1e-9) / samples,
+        "cost_seconds_per_sample": per_sample,
         "cost_epoch_overhead_s": sorted(overheads)[len(overheads) // 2],
-        # Loading and quoting, without a calibration: a run quoted from history will not calibrate.
-        "cost_fixed_overhead_s": max(0.0, (meter.seconds_at_train_start or 0.0) - quote.calibration_seconds),
+        # Loading and quoting (without a calibration's steady part: a run quoted from history skips it), plus
+        # the first epoch's warm-up.
+        "cost_fixed_overhead_s": max(0.0, (meter.seconds_at_train_start or 0.0) - quote.calibration_seconds) + warm_up,
         # Measured up to here (registration included); the cost publishing that follows is ~constant.
         "cost_tail_s": max(0.0, meter.totals.seconds - (meter.seconds_at_train_end or meter.totals.seconds)),
     }

@@ -152,7 +152,7 @@ def _cap_left_too_small(ledger: Ledger, policy: CostPolicy, run_key: str, quote:
 def quote_run(book: PriceBook, workload: Workload, run: RunConfig, policy: CostPolicy, history: History,
               fixed_overhead_seconds: float) -> Quote:
     """Expected cost and p90 from this request's speed history, else from a short calibration."""
-    speed, spent = from_history(history.runs), 0.0
+    speed, spent, measured = from_history(history.runs), 0.0, None
     if speed is None:
         started = time.perf_counter()
         measured = calibrate(workload, run, policy.calibration_steps)
@@ -165,7 +165,10 @@ def quote_run(book: PriceBook, workload: Workload, run: RunConfig, policy: CostP
         get_run_logger().info("no speed history for this request: calibrated %d steps in %.1fs",
                               len(measured.step_seconds), spent)
     quote = _quote(book, policy, run, speed, shape_of(workload.steps_per_epoch(run.batch_size), run))
-    quote = quote.model_copy(update={"calibration_seconds": spent})
+    if spent:
+        # Its steady part only (timed steps, one evaluation): its warm-up is a cost every run pays once, so it
+        # stays in the loading time the speed history records (a run quoted from history pays it in training).
+        quote = quote.model_copy(update={"calibration_seconds": sum(measured.step_seconds) + measured.eval_seconds})
     get_run_logger().info("quote: %s", quote.summary())
     return quote
 

@@ -46,6 +46,16 @@ THRESHOLDS = (0.5, 0.7, 0.9, 1.0)
 WARMUP_STEPS = 3
 
 
+def recent_step_seconds(walls: Sequence[float]) -> float:
+    """What the next steps will take: the mean of the latest quarter of the steps (at least 20), without
+    their slowest tenth. A first epoch speeds up as it goes (allocator and caches warming up), so its
+    last steps predict the next epochs better than its mean; and a one-off stall (a flush, a GC pause)
+    is not a trend."""
+    recent = sorted(walls[-max(20, len(walls) // 4):])
+    kept = recent[: max(1, len(recent) - len(recent) // 10)]
+    return statistics.fmean(kept)
+
+
 def system_clock() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -204,7 +214,7 @@ class CostMeter(Callback):
     def step_seconds_estimate(self) -> float | None:
         walls = self.timing.step_walls
         if len(walls) >= 3:
-            return statistics.fmean(walls[-200:])
+            return recent_step_seconds(walls)
         if self.timing.last_epoch_step_seconds is not None:
             return self.timing.last_epoch_step_seconds
         return self.expected_step_seconds
@@ -299,7 +309,7 @@ class CostMeter(Callback):
     def on_epoch_end(self, epoch: EpochRecord, control: LoopControl) -> None:
         now = self.tick()
         if self.timing.step_walls:
-            self.timing.last_epoch_step_seconds = statistics.fmean(self.timing.step_walls)
+            self.timing.last_epoch_step_seconds = recent_step_seconds(self.timing.step_walls)
         if self.timing.last_step_end is not None:
             # Validation + checkpoint so far; the full gap is measured when the next step starts.
             self.timing.provisional_overhead = self._last_mono - self.timing.last_step_end

@@ -29,7 +29,9 @@ class Quote(BaseModel):
     saving_usd: float  # expected_usd - cheapest_usd
     speed: SpeedEstimate
     shape: RunShape
-    calibration_seconds: float = 0.0  # spent calibrating this run (not loading: kept out of its speed history)
+    # The steady part of this run's calibration (timed steps, one evaluation): a run quoted from history
+    # will not pay it, so it is kept out of the loading time this run records in the speed history.
+    calibration_seconds: float = 0.0
 
     def summary(self) -> str:
         when = "now" if self.cheapest_start <= self.start else self.cheapest_start.isoformat(timespec="minutes")
