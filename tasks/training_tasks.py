@@ -63,20 +63,23 @@ def train_model(
     loop restarts from that checkpoint, as a rescheduled pod would; the meter keeps billing throughout.
     """
     logger = get_run_logger()
-    callbacks: list[Callback] = [
-        MlflowMetricsCallback(tracking.sink, run.log_every_steps),
-        PrefectProgressCallback(logger, key=f"{workload.name}-training-progress"),
-        *(extra_callbacks or []),
-    ]
+    progress = PrefectProgressCallback(logger, key=f"{workload.name}-training-progress")
+    callbacks: list[Callback] = [MlflowMetricsCallback(tracking.sink, run.log_every_steps), progress,
+                                 *(extra_callbacks or [])]
     if spot is not None:
         callbacks.append(spot)
-    trained = run_through_reclaims(
-        lambda: train(workload, run, callbacks, checkpoint_dir=checkpoint_dir),
-        on_reclaim=lambda number, reclaim: logger.warning("attempt %d: %s", number, reclaim),
-    )
+    try:
+        trained = run_through_reclaims(
+            lambda: train(workload, run, callbacks, checkpoint_dir=checkpoint_dir),
+            on_reclaim=lambda number, reclaim: logger.warning("attempt %d: %s", number, reclaim),
+        )
+    finally:
+        progress.close()  # its sender thread, also when training fails or is preempted
     result = trained.result
     # Where this attempt started: > 0 after a preemption (resumed from a checkpoint).
-    tracking.log({"steps_completed": result.steps, "resumed_from_step": result.resumed_from_step}, result.steps)
+    tracking.log({"steps_completed": result.steps, "resumed_from_step": result.resumed_from_step,
+                  "train_seconds": result.train_seconds, "train_callback_seconds": result.callback_seconds},
+                 result.steps)
     logger.info(
         "trained %d/%d steps in %.1fs (%.0f samples/s)%s",
         result.steps, result.total_steps, result.train_seconds, result.samples_per_second,

@@ -284,6 +284,8 @@ class _TrainingRun:
             val_metrics=history[-1].metrics if history else {},
             checkpoint_path=self.last_checkpoint,
             num_parameters=sum(p.numel() for p in self.model.parameters()),
+            callback_seconds=self.hooks.seconds,
+            callback_seconds_by=dict(self.hooks.seconds_by),
         )
         self.hooks.on_train_end(result, self.control)
         return Trained(result=result, model=self.model)

@@ -37,6 +37,8 @@ class TrainResult(BaseModel):
     val_metrics: dict[str, float]
     checkpoint_path: str | None
     num_parameters: int
+    callback_seconds: float = 0.0  # of train_seconds, spent in callbacks (metrics, metering, progress)
+    callback_seconds_by: dict[str, float] = {}  # the same, per callback class
 
 
 class EvalResult(BaseModel):

@@ -175,6 +175,7 @@ class CostMeter(Callback):
         self.epoch_ends_done = 0
         self._step_started_usd = 0.0
         self._attempt_steps = 0
+        self._estimate: tuple[int, float] | None = None  # (walls seen, estimate)
 
     # --- accrual -------------------------------------------------------------------------
 
@@ -214,7 +215,11 @@ class CostMeter(Callback):
     def step_seconds_estimate(self) -> float | None:
         walls = self.timing.step_walls
         if len(walls) >= 3:
-            return recent_step_seconds(walls)
+            # Refreshed every 16 steps: the stop rule asks every step, and a sort per step is wasted work.
+            if self._estimate is None or len(walls) < self._estimate[0] or len(walls) - self._estimate[0] >= 16 \
+                    or len(walls) < 32:
+                self._estimate = (len(walls), recent_step_seconds(walls))
+            return self._estimate[1]
         if self.timing.last_epoch_step_seconds is not None:
             return self.timing.last_epoch_step_seconds
         return self.expected_step_seconds
