@@ -43,7 +43,6 @@ from tasks.cost_tasks import (
     precheck_budget,
     quote_metrics,
     quote_run,
-    read_history,
 )
 from tasks.gpu_slots import GpuSlots
 from tasks.mlflow_tasks import TrackingInfo, TrackingRun, register_if_good
@@ -104,9 +103,8 @@ def training_pipeline(request: TrainingRequest) -> State:
     try:
         book, key = admit(settings, request)
         with _ledger(settings) as ledger:
-            history = read_history(settings, book, request.run, request.cost, key)
-            precheck_budget(ledger, request.cost, request.experiment, request.plan.name, run_key, attempt_id,
-                            history.quote)
+            history = precheck_budget(settings, ledger, book, request.run, request.cost, request.experiment,
+                                      request.plan.name, key, run_key, attempt_id)
             attempt = run_attempt(settings, ledger, book, request, key, history, run_key, attempt_id)
     except BudgetRefused as refused:
         return Failed(name="OverBudget", message=str(refused))

@@ -24,6 +24,7 @@ from oppen.cost.speed import PastRun, RunShape, from_calibration, from_history
 from oppen.errors import RequestError
 from oppen.settings import OppenSettings
 from tasks.cost_history import past_runs
+from tasks.retry import transient_only
 from tasks.tracking import client_for, log_metrics
 from training.calibrate import calibrate
 from training.config import RunConfig
@@ -86,9 +87,8 @@ class History(BaseModel):
     quote: Quote | None
 
 
-@task(cache_policy=NONE, retries=2, retry_delay_seconds=[1, 5])
 def read_history(settings: OppenSettings, book: PriceBook, run: RunConfig, policy: CostPolicy, key: str) -> History:
-    """Before any data is read: this request's speed and size history in MLflow, and the quote it gives."""
+    """This request's speed and size history in MLflow, and the quote it gives before any data is read."""
     runs = past_runs(client_for(settings), key)
     speed = from_history(runs)
     steps_per_epoch = next((past.steps_per_epoch for past in runs if past.steps_per_epoch), None)
@@ -97,13 +97,21 @@ def read_history(settings: OppenSettings, book: PriceBook, run: RunConfig, polic
     return History(runs=runs, quote=_quote(book, policy, run, speed, shape_of(steps_per_epoch, run)))
 
 
-@task(cache_policy=NONE)
-def precheck_budget(ledger: Ledger, policy: CostPolicy, experiment: str, workload: str, run_key: str,
-                    attempt_id: str, quote: Quote | None) -> None:
-    """Before the data is read: an unknown team, an exhausted budget, or (with history) a quote that cannot fit.
+@task(cache_policy=NONE, retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=transient_only)
+def precheck_budget(settings: OppenSettings, ledger: Ledger, book: PriceBook, run: RunConfig, policy: CostPolicy,
+                    experiment: str, workload: str, key: str, run_key: str, attempt_id: str) -> History:
+    """Before the data is read: an unknown team, an exhausted budget, or a quote from history that cannot fit.
 
-    A refusal here is recorded in the ledger like one at reservation, and costs nothing.
+    A refusal here is recorded in the ledger like one at reservation, and costs nothing. Returns the
+    request's history, which the quote after loading uses too.
     """
+    history = read_history(settings, book, run, policy, key)
+    _refuse_if_over(ledger, policy, experiment, workload, run_key, attempt_id, history.quote)
+    return history
+
+
+def _refuse_if_over(ledger: Ledger, policy: CostPolicy, experiment: str, workload: str, run_key: str,
+                    attempt_id: str, quote: Quote | None) -> None:
     if policy.team not in ledger.team_names():
         raise UnknownTeamError(
             f"unknown team {policy.team!r} (known: {', '.join(ledger.team_names())}); "
@@ -231,11 +239,9 @@ def publish_cost(settings: OppenSettings, settled: SettledCost, mlflow_run_id: s
     """MLflow and the artifacts get the ledger's figures; retried alone, it never books anything again."""
     cost = settled.cost
     if mlflow_run_id:
-        client = client_for(settings)
         # Step = the attempt: cost_attempt_usd keeps each attempt's part, cost_usd ends at the run's total.
-        log_metrics(client, mlflow_run_id, cost.mlflow_metrics(), cost.attempt)
-        client.set_tag(mlflow_run_id, "oppen.cost_status", cost.status)
-        client.set_tag(mlflow_run_id, "oppen.settlement", "pending" if settled.pending else "booked")
+        log_metrics(client_for(settings), mlflow_run_id, cost.mlflow_metrics(), cost.attempt, tags={
+            "oppen.cost_status": cost.status, "oppen.settlement": "pending" if settled.pending else "booked"})
     state = f"not yet in the ledger: {settled.pending_reason}" if settled.pending else "booked in the ledger"
     create_markdown_artifact(render_cost_markdown(cost, title) + f"\n{state}\n", key=f"{_key(title)}-cost-report",
                              description=f"cost of {title}: ${cost.cost_usd:.6f}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from oppen.cost.run_budget import BudgetRefused
 from oppen.errors import RequestError
 from training.errors import TrainingRequestError
 
-DETERMINISTIC = (RequestError, TrainingRequestError)
+DETERMINISTIC = (RequestError, TrainingRequestError, BudgetRefused)
 
 
 def transient_only(task, task_run, state) -> bool:
-    """A task's `retry_condition_fn`: no retry for a bad request or bad data; it would fail the same way."""
+    """A task's `retry_condition_fn`: no retry for a bad request, bad data or a budget's refusal; it would
+    end the same way."""
     return not isinstance(state.data, DETERMINISTIC)

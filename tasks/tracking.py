@@ -13,7 +13,7 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 
 import training
 from oppen.settings import OppenSettings
@@ -65,10 +65,13 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
         client.log_batch(run_id, params=items[start : start + 100], synchronous=True)
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int,
+                tags: Mapping[str, str] | None = None) -> None:
+    """Metrics (and tags) in one request: each round trip to a busy tracking server counts."""
     now = int(time.time() * 1000)
     client.log_batch(
-        run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()], synchronous=True
+        run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()],
+        tags=[RunTag(key, value) for key, value in (tags or {}).items()], synchronous=True,
     )
 
 
