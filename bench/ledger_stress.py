@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 from oppen.cost.money import format_usd
-from tests.ledger_stress_worker import StressConfig, StressResult, postgres_schema, run_stress
+from tests.ledger_stress_worker import StressConfig, StressResult, run_stress
+from tests.postgres import postgres_schema
 
 PG_ENV = "OPPEN_TEST_POSTGRES_URL"
 

@@ -123,7 +123,7 @@ def _refuse_if_over(ledger: Ledger, policy: CostPolicy, experiment: str, workloa
         if quote is not None:
             request = to_micros(quote.p90_usd)
             if policy.max_cost_usd is not None:
-                request = min(request, to_micros(policy.max_cost_usd))
+                request = min(request, to_micros(policy.max_cost_usd, ceiling=True))
         uses = ledger.budget_uses(policy.team, experiment, request)
         exhausted = [use for use in uses if use.used_micros >= use.amount_micros]
         over = exhausted or [use for use in uses if not use.fits]
@@ -135,7 +135,7 @@ def _refuse_if_over(ledger: Ledger, policy: CostPolicy, experiment: str, workloa
             reason = "; ".join(f"over budget (quoted from history, before loading): {use.describe()}" for use in over)
     ledger.refuse(team=policy.team, experiment=experiment, run_key=run_key, attempt_id=attempt_id, reason=reason,
                   workload=workload, quote_micros=to_micros(quote.expected_usd) if quote else 0,
-                  cap_micros=to_micros(policy.max_cost_usd) if policy.max_cost_usd is not None else None)
+                  cap_micros=to_micros(policy.max_cost_usd, ceiling=True) if policy.max_cost_usd is not None else None)
     emit_run_event("oppen.budget.refused", policy.team, experiment, {"reason": reason, "stage": "precheck"})
     raise BudgetRefused(f"refused before loading: {reason}")
 
@@ -148,11 +148,11 @@ def _cap_left_too_small(ledger: Ledger, policy: CostPolicy, run_key: str, quote:
     if not earlier:
         return None
     prior = sum(a["held_micros"] if a["status"] == "running" else (a["cost_micros"] or 0) for a in earlier)
-    left = to_micros(policy.max_cost_usd) - prior
+    left = to_micros(policy.max_cost_usd, ceiling=True) - prior
     needed = least_hold_micros(quote, quote.speed.fixed_overhead_seconds) if quote is not None else 1
     if left >= needed:
         return None
-    return (f"run cap {format_usd(to_micros(policy.max_cost_usd))} has {format_usd(max(left, 0))} left after its "
+    return (f"run cap {format_usd(to_micros(policy.max_cost_usd, ceiling=True))} has {format_usd(max(left, 0))} left after its "
             f"earlier attempts ({format_usd(prior)}), less than another attempt needs ({format_usd(needed)})")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
-import time
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 

@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 from oppen.cost.journal import SettlementJournal
 from oppen.cost.ledger import SETTLE_STATUSES, Ledger, month_of, utcnow
@@ -393,21 +393,6 @@ def child_main(plan_path: str, gen: int, start_run: int, start_step: int, log_pa
 
 
 # --- the parent --------------------------------------------------------------------------
-
-
-@contextmanager
-def postgres_schema(base_url: str) -> Iterator[str]:
-    """A URL whose tables live in a fresh schema, dropped afterwards (as tests/test_ledger.py does)."""
-    schema = f"oppen_stress_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base_url)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{base_url}{'&' if '?' in base_url else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def closed_port_uri() -> str:

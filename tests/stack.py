@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from uuid import UUID
 
 from oppen.local_stack import PROJECT_DIR, free_port, prefect_server_argv, wait_prefect_healthy
 
@@ -73,6 +75,36 @@ class PrefectStack:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
         time.sleep(0.2)
+
+    def read_flow_run(self, flow_run_id: str):
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        async def read():
+            async with get_client() as client:
+                return await client.read_flow_run(UUID(flow_run_id))
+
+        with temporary_settings({PREFECT_API_URL: self.api_url}):
+            return asyncio.run(read())
+
+    def wait_for(self, predicate, timeout: float, what: str):
+        """Poll until `predicate()` gives something truthy; fail the test with the worker's log if it never does."""
+        import pytest
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.2)
+        pytest.fail(f"timed out waiting for {what}\n{self.log('worker')}")
+
+    def final_state(self, flow_run_id: str, timeout: float = 300):
+        def final():
+            state = self.read_flow_run(flow_run_id).state
+            return state if state.is_final() else None
+
+        return self.wait_for(final, timeout, f"flow run {flow_run_id} to finish")
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"

@@ -13,23 +13,20 @@ import re
 import signal
 import subprocess
 import time
-import uuid
 from urllib.parse import urlsplit
 
 import pytest
 from mlflow import MlflowClient
-from sqlalchemy import create_engine, text
 
 from oppen.cost.ledger import Ledger
 from oppen.cost.money import to_micros
 from oppen.local_stack import free_port, wait_http
+from tests.postgres import postgres_base, postgres_schema
 from tests.stack import BIN
 from tests.tcp_proxy import TcpProxy
-from tests.test_integration_local_pool import _read_flow_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-PG_ENV = "OPPEN_TEST_POSTGRES_URL"
 # Long enough to cut a dependency mid-training and bring it back: ~10-20 s of training on one thread.
 RUN = {"epochs": 1, "batch_size": 128, "learning_rate": 5e-3, "max_steps": 400, "log_every_steps": 10, "num_threads": 1}
 
@@ -40,44 +37,17 @@ def _start(stack, env: dict[str, str], run: dict = RUN) -> str:
     return re.search(r"UUID:\s*([0-9a-f-]{36})", result.stdout).group(1)
 
 
-def _wait(predicate, timeout: float, what: str, stack):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    pytest.fail(f"timed out waiting for {what}\n{stack.log('worker')}")
-
-
-def _final_state(stack, flow_run_id: str, timeout: float = 300):
-    def final():
-        state = _read_flow_run(stack, flow_run_id).state
-        return state if state.is_final() else None
-
-    return _wait(final, timeout, "the flow run to finish", stack)
-
-
 @pytest.fixture
 def proxied_ledger():
     """A fresh schema on the test PostgreSQL, reachable directly and through a proxy the test can cut."""
-    base = os.environ.get(PG_ENV)
-    if not base:
-        pytest.skip(f"{PG_ENV} is not set: the ledger-outage test needs PostgreSQL (.ci/run sets it)")
-    schema = f"oppen_fault_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    base = postgres_base("the ledger-outage test")
     parts = urlsplit(base)
     proxy = TcpProxy(parts.hostname, parts.port or 5432).up()
-    options = f"{'&' if parts.query else '?'}options=-csearch_path%3D{schema}"
-    direct = f"{base}{options}"
-    via_proxy = base.replace(f"{parts.hostname}:{parts.port or 5432}", f"127.0.0.1:{proxy.port}") + options
-    yield direct, via_proxy, proxy
-    proxy.down()
-    with admin.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    try:
+        with postgres_schema(base, prefix="oppen_fault") as direct:
+            yield direct, direct.replace(f"{parts.hostname}:{parts.port or 5432}", f"127.0.0.1:{proxy.port}"), proxy
+    finally:
+        proxy.down()
 
 
 def test_ledger_down_at_settle_is_journalled_then_reconciled_exactly_once(stack, proxied_ledger):
@@ -91,9 +61,9 @@ def test_ledger_down_at_settle_is_journalled_then_reconciled_exactly_once(stack,
         except Exception:  # the schema is created by the flow run itself
             return None
 
-    [attempt] = _wait(holding, 240, "the run's reservation", stack)
+    [attempt] = stack.wait_for(holding, 240, "the run's reservation")
     proxy.down()  # the ledger is unreachable from here to the end of the run
-    state = _final_state(stack, flow_run_id)
+    state = stack.final_state(flow_run_id)
 
     # The run completed, and its state says the money is not booked yet and why.
     assert state.is_completed() and state.name == "SettlementPending", f"{state.name}: {state.message}"
@@ -161,13 +131,13 @@ def test_mlflow_down_during_training_loses_no_metric_and_no_money(stack, mlflow_
             return runs[0].info.run_id
         return None
 
-    run_id = _wait(training, 240, "training to log its first metrics", stack)
+    run_id = stack.wait_for(training, 240, "training to log its first metrics")
     kill()
     down_from = time.time() * 1000
     time.sleep(6)  # training goes on; its metrics wait in the sink (and in MLflow's own HTTP retries)
     start()
     down_until = time.time() * 1000
-    state = _final_state(stack, flow_run_id)
+    state = stack.final_state(flow_run_id)
     assert state.is_completed(), f"{state.name}: {state.message}\n{stack.log('worker')}"
 
     run = client.get_run(run_id)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import sys
-from uuid import UUID
 
 import pytest
 from mlflow import MlflowClient
@@ -19,12 +18,7 @@ SMALL_RUN = {"epochs": 1, "batch_size": 128, "learning_rate": 5e-3, "max_steps":
 
 
 def _read_flow_run(stack, flow_run_id: str):
-    async def read():
-        async with get_client() as client:
-            return await client.read_flow_run(UUID(flow_run_id))
-
-    with temporary_settings({PREFECT_API_URL: stack.api_url}):
-        return asyncio.run(read())
+    return stack.read_flow_run(flow_run_id)
 
 
 def _deployment_run(stack, *params: str, check: bool = True):

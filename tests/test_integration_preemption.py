@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 from uuid import UUID
 
 import psutil
@@ -19,7 +18,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from oppen.cost.ledger import Ledger
 from oppen.cost.money import to_micros
-from tests.test_integration_local_pool import _deployment_run, _read_flow_run
+from tests.test_integration_local_pool import _deployment_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -53,16 +52,6 @@ def _supervisor_of(flow_run_id: str) -> psutil.Process | None:
     return None
 
 
-def _wait_for(predicate, timeout: float, what: str, stack):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}\n{stack.log('worker')}")
-
-
 def _state_names(stack, flow_run_id: str) -> list[str]:
     async def read():
         async with get_client() as client:
@@ -85,15 +74,10 @@ def _preempt_mid_epoch(stack, flow_run_id: str, at_least: int = EVERY * 2, steps
             return None
         return step if at_least <= step < steps - EVERY else None
 
-    saved_step = _wait_for(mid_epoch_checkpoint, 240, "a mid-epoch checkpoint", stack)
-    supervisor = _wait_for(lambda: _supervisor_of(flow_run_id), 30, "the flow-run process", stack)
+    saved_step = stack.wait_for(mid_epoch_checkpoint, 240, "a mid-epoch checkpoint")
+    supervisor = stack.wait_for(lambda: _supervisor_of(flow_run_id), 30, "the flow-run process")
     supervisor.send_signal(signal.SIGTERM)
     return saved_step
-
-
-def _finished(stack, flow_run_id: str):
-    state = _read_flow_run(stack, flow_run_id).state
-    return state if state.is_final() else None
 
 
 def test_sigterm_reschedules_and_the_run_resumes_from_its_checkpoint(stack):
@@ -113,7 +97,7 @@ def test_sigterm_reschedules_and_the_run_resumes_from_its_checkpoint(stack):
 
     flow_run_id = _start(stack)
     saved_step = _preempt_mid_epoch(stack, flow_run_id)
-    final = _wait_for(lambda: _finished(stack, flow_run_id), 300, "the rescheduled run to finish", stack)
+    final = stack.final_state(flow_run_id)
     assert final.is_completed(), f"{final.name}: {final.message}\n{stack.log('worker')}"
     names = _state_names(stack, flow_run_id)
     assert "AwaitingRetry" in names, names  # Prefect's reschedule, not a crash or a retry of a failure
@@ -148,7 +132,7 @@ def test_a_rescheduled_run_with_a_cap_stops_at_the_cap_summed_over_its_attempts(
     run = RUN | {"max_steps": 400}  # long enough that the tail kept in reserve is a small part of the cost
     for _ in range(2):  # the second is quoted from the first's history, as the capped run's attempts will be
         reference_id = _start(stack, run=run)
-        reference = _wait_for(lambda: _finished(stack, reference_id), 300, "an uncapped reference run", stack)
+        reference = stack.final_state(reference_id)
         assert reference.is_completed()
     ledger = Ledger(f"sqlite:///{stack.root / 'oppen' / 'ledger.db'}")
     try:
@@ -158,7 +142,7 @@ def test_a_rescheduled_run_with_a_cap_stops_at_the_cap_summed_over_its_attempts(
         cap_micros = int(0.9 * full)
         flow_run_id = _start(stack, run=run, cost={"max_cost_usd": cap_micros / 1e6})
         _preempt_mid_epoch(stack, flow_run_id, at_least=run["max_steps"] // 2, steps=run["max_steps"])
-        final = _wait_for(lambda: _finished(stack, flow_run_id), 300, "the rescheduled run to finish", stack)
+        final = stack.final_state(flow_run_id)
         assert final.is_completed(), f"{final.name}: {final.message}\n{stack.log('worker')}"
         [row] = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
         first, second = ledger.attempts_of(flow_run_id)

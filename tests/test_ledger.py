@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
@@ -13,29 +11,16 @@ from sqlalchemy import create_engine, text
 
 from oppen.cost.budgets import BudgetsFile, apply_budgets, load_budgets, open_ledger
 from oppen.cost.ledger import Ledger, LedgerError, UnknownTeamError
-from oppen.cost.ledger_schema import metadata
 from oppen.cost.money import to_micros
-
-PG_ENV = "OPPEN_TEST_POSTGRES_URL"
-
+from tests.postgres import postgres_base, postgres_schema
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def ledger_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'ledger.db'}"
         return
-    base = os.environ.get(PG_ENV)
-    if not base:
-        pytest.skip(f"{PG_ENV} is not set: the PostgreSQL ledger tests need a server (.ci/run sets it)")
-    schema = f"oppen_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in base else "?"
-    yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    with postgres_schema(postgres_base("the PostgreSQL ledger tests")) as url:
+        yield url
 
 
 def _ledger(url: str, amount: float = 1.0, period: str = "total", experiment_amount: float | None = None) -> Ledger:
@@ -327,3 +312,8 @@ def test_cli_applies_lists_and_rejects_a_bad_file(tmp_path, monkeypatch, capsys)
     bad.write_text("teams:\n  ml:\n    budget: {amount_usd: -3}\n")
     assert main(["budgets", "apply", "--file", str(bad)]) == 2
     assert "greater than 0" in capsys.readouterr().err
+
+
+def test_a_cap_or_a_budget_rounds_down_a_charge_rounds_half_up():
+    assert to_micros("0.00014052", ceiling=True) == 140  # never more than its owner set
+    assert to_micros("0.00014052") == 141 and to_micros("0.0000005") == 1  # a charge: the nearest micro-dollar

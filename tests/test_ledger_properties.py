@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -30,12 +29,13 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 from oppen.cost.budgets import BudgetsFile, apply_budgets
 from oppen.cost.ledger import MAX_HOLD, Ledger, LedgerError, month_of
 from oppen.cost.ledger_schema import attempts as attempts_table
 from oppen.cost.ledger_schema import charges as charges_table
+from tests.postgres import postgres_schema
 
 PG_ENV = "OPPEN_TEST_POSTGRES_URL"
 RUNNING, REFUSED, EXPIRED = "running", "refused", "expired"
@@ -235,20 +235,8 @@ def sqlite_url() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@contextmanager
-def postgres_url() -> Iterator[str]:
-    base = os.environ[PG_ENV]
-    schema = f"oppen_prop_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(base)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        sep = "&" if "?" in base else "?"
-        yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
+def postgres_url():
+    return postgres_schema(os.environ[PG_ENV], prefix="oppen_prop")
 
 
 # --- the state machine -----------------------------------------------------------------------

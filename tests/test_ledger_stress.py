@@ -7,13 +7,12 @@ describes the harness; bench/ledger_stress.py prints its figures).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from tests.ledger_stress_worker import StressConfig, postgres_schema, run_stress
+from tests.ledger_stress_worker import StressConfig, run_stress
+from tests.postgres import postgres_base, postgres_schema
 
-PG_ENV = "OPPEN_TEST_POSTGRES_URL"
 pytestmark = pytest.mark.slow
 
 
@@ -22,10 +21,7 @@ def stress_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'ledger.db'}"
         return
-    base = os.environ.get(PG_ENV)
-    if not base:
-        pytest.skip(f"{PG_ENV} is not set: the PostgreSQL stress test needs a server (.ci/run sets it)")
-    with postgres_schema(base) as url:
+    with postgres_schema(postgres_base("the PostgreSQL stress test"), prefix="oppen_stress") as url:
         yield url
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -302,11 +303,26 @@ def test_a_rescheduled_attempt_may_spend_only_what_the_cap_has_left(url, tmp_pat
     assert h.spent() == prior + this == sum(h.booked().values())
 
 
+class Terminated(BaseException):
+    """Like Prefect's TerminationSignal: a BaseException, so no `except Exception` swallows it."""
+
+
+@contextmanager
+def _sigterm_raises(events: list[str]):
+    """SIGTERM handled as Prefect's handler does (it raises), noting when it was handled."""
+    def on_sigterm(signum, frame):
+        events.append("SIGTERM handled")
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_sigterm_during_the_booking_waits_until_the_booking_is_done(url, tmp_path, quote):
     events: list[str] = []
-
-    class Terminated(BaseException):
-        """Like Prefect's TerminationSignal: a BaseException, so no `except Exception` swallows it."""
 
     class SignalledLedger(CountingLedger):
         def settle(self, attempt_id, **kw):
@@ -316,34 +332,14 @@ def test_a_sigterm_during_the_booking_waits_until_the_booking_is_done(url, tmp_p
             events.append("booked")
             return booked
 
-    def on_sigterm(signum, frame):
-        events.append("SIGTERM handled")
-        raise Terminated()
-
     h = Harness(url, tmp_path / "journal")
     h.ledger = SignalledLedger(url)
     budget = h.budget()
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        with pytest.raises(Terminated):  # delivered, once, after the booking
-            h.run(budget, quote)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with _sigterm_raises(events), pytest.raises(Terminated):  # delivered, once, after the booking
+        h.run(budget, quote)
     assert events == ["booking starts", "booked", "SIGTERM handled"]
     assert h.ledger.settle_calls == 1 and h.ledger.attempts_of("run-1")[0]["status"] == "settled"
     assert sum(h.booked().values()) > 0 and list(h.journal.pending()) == []
-
-
-class Terminated(BaseException):
-    """Like Prefect's TerminationSignal: a BaseException, so no `except Exception` swallows it."""
-
-
-def _raising_handler(events: list[str]):
-    def on_sigterm(signum, frame):
-        events.append("SIGTERM handled")
-        raise Terminated()
-
-    return on_sigterm
 
 
 def test_a_sigterm_while_the_settlement_is_computed_waits_for_the_booking(url, tmp_path, quote, monkeypatch):
@@ -359,12 +355,8 @@ def test_a_sigterm_while_the_settlement_is_computed_waits_for_the_booking(url, t
     monkeypatch.setattr(run_budget, "settle_from_meter", signalled)
     h = Harness(url, tmp_path / "journal")
     budget = h.budget()
-    previous = signal.signal(signal.SIGTERM, _raising_handler(events))
-    try:
-        with pytest.raises(Terminated):
-            h.run(budget, quote)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with _sigterm_raises(events), pytest.raises(Terminated):
+        h.run(budget, quote)
     assert events == ["SIGTERM handled"]
     [attempt] = h.ledger.attempts_of("run-1")
     assert attempt["status"] == "settled" and attempt["held_micros"] == 0  # booked, not orphaned
@@ -383,12 +375,8 @@ def test_a_sigterm_right_after_the_reserve_commits_still_settles_the_hold(url, t
     h = Harness(url, tmp_path / "journal")
     h.ledger = SignalledLedger(url)
     budget = h.budget()
-    previous = signal.signal(signal.SIGTERM, _raising_handler(events))
-    try:
-        with pytest.raises(Terminated):
-            h.run(budget, quote)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with _sigterm_raises(events), pytest.raises(Terminated):
+        h.run(budget, quote)
     [attempt] = h.ledger.attempts_of("run-1")
     assert attempt["status"] == "failed" and attempt["held_micros"] == 0  # the hold was released, once
     assert h.ledger.settle_calls == 1

@@ -211,7 +211,7 @@ class Ledger:
     ) -> str:
         """Create or change a budget; returns "created", "updated" or "unchanged"."""
         try:
-            amount = to_micros(amount_usd)
+            amount = to_micros(amount_usd, ceiling=True)
         except ValueError as error:
             raise LedgerError(f"budget for {team}/{experiment or '*'}: {error}") from error
         if amount <= 0:

@@ -9,7 +9,7 @@ figure to the last micro-dollar.
 from __future__ import annotations
 
 import math
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal, InvalidOperation
 
 MICROS_PER_USD = 1_000_000
 _MICRO = Decimal("0.000001")
@@ -17,8 +17,12 @@ _MICRO = Decimal("0.000001")
 Micros = int
 
 
-def to_micros(amount: float | Decimal | str | int) -> Micros:
-    """USD to whole micro-dollars, rounded half-up; refuses NaN, infinity and negative amounts."""
+def to_micros(amount: float | Decimal | str | int, *, ceiling: bool = False) -> Micros:
+    """USD to whole micro-dollars, rounded half-up; refuses NaN, infinity and negative amounts.
+
+    A ceiling (a cap, a budget) rounds down instead: rounded up, it would allow a fraction of a
+    micro-dollar more than its owner set.
+    """
     if isinstance(amount, float) and not math.isfinite(amount):
         raise ValueError(f"not a finite amount of money: {amount!r}")
     try:
@@ -29,7 +33,7 @@ def to_micros(amount: float | Decimal | str | int) -> Micros:
         raise ValueError(f"not a finite amount of money: {amount!r}")
     if value < 0:
         raise ValueError(f"money amounts are never negative here, got {amount!r}")
-    return int((value * MICROS_PER_USD).to_integral_value(rounding=ROUND_HALF_UP))
+    return int((value * MICROS_PER_USD).to_integral_value(rounding=ROUND_FLOOR if ceiling else ROUND_HALF_UP))
 
 
 def to_usd(micros: Micros) -> Decimal:

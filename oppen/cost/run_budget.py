@@ -151,7 +151,7 @@ class RunBudget:
     def reserve(self, quote: Quote) -> Reservation:
         """Hold the p90 quote (never more than the run's cap has left) against every budget, or refuse."""
         self.quote = quote
-        cap = to_micros(self.policy.max_cost_usd) if self.policy.max_cost_usd is not None else None
+        cap = to_micros(self.policy.max_cost_usd, ceiling=True) if self.policy.max_cost_usd is not None else None
         # A SIGTERM between the ledger's commit and our noting the hold would orphan the hold until it expires.
         with deferred_sigterm():
             try:
