@@ -29,7 +29,7 @@ from oppen.cost.ledger import Ledger
 from oppen.cost.policy import CostPolicy
 from oppen.cost.price_book import PriceBook, load_price_book
 from oppen.cost.quote import Quote
-from oppen.cost.run_budget import BudgetRefused, LedgerUnavailable, Outcome, RunBudget, SettledCost
+from oppen.cost.run_budget import TRANSIENT, BudgetRefused, LedgerUnavailable, Outcome, RunBudget, SettledCost
 from oppen.cost.spot import InterruptionSchedule, SpotSimulator
 from oppen.cost.utilization import UtilizationSampler
 from oppen.errors import RequestError
@@ -178,7 +178,10 @@ def _reserve(budget: RunBudget, quote: Quote, request: TrainingRequest) -> None:
 
 @contextlib.contextmanager
 def _ledger(settings: OppenSettings) -> Iterator[Ledger]:
-    ledger = open_ledger(settings.ledger, settings.budgets_file)
+    try:
+        ledger = open_ledger(settings.ledger, settings.budgets_file)
+    except TRANSIENT as error:
+        raise LedgerUnavailable(f"the budget ledger cannot be reached, so the run was not started: {error}") from error
     try:
         yield ledger
     finally:

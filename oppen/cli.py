@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ValidationError) as error:  # bad files or names: a clear message, not a traceback
         print(f"oppen: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `oppen ledger | head`: the reader has what it wanted
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -72,3 +72,15 @@ def test_promotion_moves_along_and_refuses_a_worse_replacement(in_process):
     forced = promote_model(model_name="promo-cnn", target="production", force=True)
     assert forced.promoted and forced.replaced_version == good
     assert int(client.get_model_version_by_alias("promo-cnn", "production").version) == worse
+
+
+def test_an_unreachable_ledger_stops_the_run_before_anything_is_spent(in_process, monkeypatch):
+    from tests.ledger_stress_worker import closed_port_uri
+
+    closed = closed_port_uri().replace("http://", "postgresql+psycopg://postgres@") + "/test"
+    monkeypatch.setenv("OPPEN_LEDGER_URL", closed)
+    state = train_mnist(run=RunConfig(epochs=1, batch_size=128, learning_rate=5e-3, max_steps=12),
+                        experiment="no-ledger", return_state=True)
+    assert state.is_failed() and state.name == "LedgerUnavailable", f"{state.name}: {state.message}"
+    assert "cannot be reached" in state.message and "Traceback" not in state.message
+    assert MlflowClient(in_process.tracking_uri).get_experiment_by_name("no-ledger") is None  # nothing was opened
