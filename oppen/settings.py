@@ -6,7 +6,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,6 +32,24 @@ class OppenSettings(BaseSettings):
     settlement_journal: Path | None = Field(
         None, description="Where settlements wait when the ledger is down; None: .settlements under the checkpoint "
         "root (on Kubernetes, the checkpoint volume, so they outlive the pod).",
+    )
+
+    # Slack. A bot token (chat.postMessage, one channel per team from the budgets file) or an incoming
+    # webhook. Unset here, they are read from the Prefect Secret blocks named below; unset there too,
+    # nothing is posted (and the run says so once in its log).
+    slack_bot_token: SecretStr | None = Field(None, description="xoxb-... bot token; never logged.")
+    slack_webhook_url: SecretStr | None = Field(None, description="Incoming-webhook URL; never logged.")
+    slack_channel: str = Field("#ml-runs", description="Bot-token channel of teams that name none.")
+    slack_api_url: str | None = Field(
+        None, description="Slack Web API base URL (e.g. an egress proxy); None: slack-sdk's https://slack.com/api/."
+    )
+    slack_token_block: str = Field("oppen-slack-bot-token", description="Secret block read when the token is unset.")
+    slack_webhook_block: str = Field("oppen-slack-webhook-url", description="Secret block read when the URL is unset.")
+    slack_deadline_s: float = Field(
+        10.0, gt=0, le=120, description="The most a message may delay a run, retries and Retry-After included."
+    )
+    mlflow_webhook_secret: SecretStr | None = Field(
+        None, description="HMAC secret shared with MLflow's registry webhook; never logged."
     )
 
     @cached_property

@@ -13,6 +13,9 @@ from oppen.cost.price_book import load_yaml_model
 
 ENV_VAR = "OPPEN_BUDGETS_FILE"
 DEFAULT_FILE = Path(__file__).with_name("budgets.yaml")
+# A channel name as Slack spells it (lowercase, digits, '-', '_', '.', at most 80) or a public/private
+# channel id; anything else would only fail at post time, in the middle of a run.
+SLACK_CHANNEL_PATTERN = r"^(#[a-z0-9][a-z0-9._-]{0,79}|[CG][A-Z0-9]{8,})$"
 
 
 class BudgetSpec(BaseModel):
@@ -27,6 +30,11 @@ class TeamSpec(BaseModel):
 
     budget: BudgetSpec
     experiments: dict[str, BudgetSpec] = Field(default_factory=dict)
+    slack_channel: str | None = Field(
+        None, pattern=SLACK_CHANNEL_PATTERN,
+        description="Where this team's run messages go with a bot token ('#name' or a channel id); none: "
+        "OPPEN_SLACK_CHANNEL. Not a budget: apply_budgets leaves it out of the ledger.",
+    )
 
     @field_validator("experiments")
     @classmethod
