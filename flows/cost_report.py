@@ -14,6 +14,7 @@ from oppen.cost.budgets import open_ledger
 from oppen.cost.policy import NAME_PATTERN
 from oppen.cost.report import build_frame, markdown_table, summarize, trend
 from oppen.settings import OppenSettings, load_settings
+from tasks.cost_report_notice import post_report
 from tasks.tracking import client_for
 
 
@@ -22,8 +23,9 @@ class ReportRequest(BaseModel):
 
     team: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     experiment: Annotated[str, Field(min_length=1)] | None = None
-    start: date | None = Field(None, description="First day included (UTC); None: 30 days ago.")
+    start: date | None = Field(None, description="First day included (UTC); None: `last_days` before the end.")
     end: date | None = Field(None, description="Last day included (UTC); None: today.")
+    last_days: int = Field(30, ge=1, le=3660, description="Days covered when `start` is left out (a weekly report: 7).")
 
     @model_validator(mode="after")
     def _ordered(self) -> ReportRequest:
@@ -33,7 +35,7 @@ class ReportRequest(BaseModel):
 
     def bounds(self) -> tuple[datetime, datetime]:
         end = self.end or datetime.now(timezone.utc).date()
-        start = self.start or end - timedelta(days=30)
+        start = self.start or end - timedelta(days=self.last_days - 1)
         return (datetime.combine(start, time(), tzinfo=timezone.utc),
                 datetime.combine(end + timedelta(days=1), time(), tzinfo=timezone.utc))
 
@@ -74,7 +76,7 @@ def collect(settings: OppenSettings, request: ReportRequest):
 
 
 @flow(name="cost-report", log_prints=True, validate_parameters=True)
-def cost_report(request: ReportRequest = ReportRequest()) -> CostReport:
+def cost_report(request: ReportRequest = ReportRequest(), post_to_slack: bool = False) -> CostReport:
     """Spend per team and experiment from the ledger, with quality from MLflow; a table, a CSV and the trend."""
     settings = load_settings()
     frame = collect(settings, request)
@@ -100,5 +102,9 @@ def cost_report(request: ReportRequest = ReportRequest()) -> CostReport:
     ]
     create_markdown_artifact("\n".join(lines), key="cost-report", description=f"cost report {scope}")
     get_run_logger().info("%d runs, $%.6f, trend %s; CSV at %s", len(frame), total, direction, csv_path)
-    return CostReport(runs=len(frame), total_usd=total, trend=direction, trend_slope=slope, csv_path=str(csv_path),
-                      by_scope=totals.to_dict(orient="records"))
+    report = CostReport(runs=len(frame), total_usd=total, trend=direction, trend_slope=slope, csv_path=str(csv_path),
+                        by_scope=totals.to_dict(orient="records"))
+    if post_to_slack:
+        post_report(report, f"Cost report: {scope}", f"{since:%Y-%m-%d} to {until - timedelta(days=1):%Y-%m-%d}",
+                    request.team)
+    return report

@@ -3,13 +3,17 @@
     admit the request → precheck the budget (quoted from history when there is one)
     → hold the GPU slots (billing starts) → load the data → quote → reserve
     → open the MLflow run → train (metered, capped) → evaluate → log the model → register
-    → settle (on every exit, exactly once) → close the MLflow run → summarise
+    → settle (on every exit, exactly once) → close the MLflow run → summarise → notify
+
+With `cost.defer_to_off_peak`, a run started outside the off-peak window reschedules itself to the
+window's start after the precheck and ends `Deferred`, having spent nothing.
 
 Not a flow itself: each workload's flow calls it with a `WorkloadPlan`. Each lifecycle has one
 owner that cleans up on every exit: `GpuSlots` releases the slots, `RunBudget` settles the
 attempt's money (completed, stopped, failed or preempted), `TrackingRun` closes the MLflow run.
 A request refused by its budget ends `OverBudget`, a request that cannot be trained as asked
-ends `InvalidRequest`; both before any MLflow run, hold or training step exists.
+ends `InvalidRequest`; both before any MLflow run, hold or training step exists. Every ending is
+posted to Slack by the notify stage (when Slack is configured); a Slack failure never fails the run.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from oppen.cost.run_budget import TRANSIENT, BudgetRefused, LedgerUnavailable, O
 from oppen.cost.spot import InterruptionSchedule, SpotSimulator
 from oppen.cost.utilization import UtilizationSampler
 from oppen.errors import RequestError
+from oppen.events import RunEventContext
 from oppen.settings import OppenSettings, load_settings
 from tasks.cost_history import SPEED_KEY_TAG, speed_key
 from tasks.cost_tasks import (
@@ -46,8 +51,11 @@ from tasks.cost_tasks import (
 )
 from tasks.gpu_slots import GpuSlots
 from tasks.mlflow_tasks import TrackingInfo, TrackingRun, register_if_good
+from tasks.off_peak import defer_to_off_peak
 from tasks.registry import RegisteredVersion
 from tasks.run_budget import open_run_budget
+from tasks.run_events import announce_registration, link_mlflow_run, report_utilization, run_event_context
+from tasks.run_notice import notify_run
 from tasks.summary import TrainingSummary, publish_summary
 from tasks.training_tasks import evaluate_model, log_model, train_model
 from training.config import RunConfig
@@ -99,13 +107,23 @@ def training_pipeline(request: TrainingRequest) -> State:
     run_key = str(flow_run.get_id() or f"adhoc-{uuid.uuid4()}")
     # Unique per execution: a retried settle repeats it, a rescheduled run gets a new one.
     attempt_id = f"{run_key}:{flow_run.get_run_count()}:{uuid.uuid4().hex[:8]}"
+    events = run_event_context(request.cost.team, request.experiment, request.plan.name)
     started = time.perf_counter()
+    state = _run(settings, request, events, run_key, attempt_id, started)
+    notify_run(settings, request, events, state)
+    return state
+
+
+def _run(settings: OppenSettings, request: TrainingRequest, events: RunEventContext, run_key: str, attempt_id: str,
+         started: float) -> State:
     try:
         book, key = admit(settings, request)
         with _ledger(settings) as ledger:
             history = precheck_budget(settings, ledger, book, request.run, request.cost, request.experiment,
-                                      request.plan.name, key, run_key, attempt_id)
-            attempt = run_attempt(settings, ledger, book, request, key, history, run_key, attempt_id)
+                                      request.plan.name, key, run_key, attempt_id, events)
+            if request.cost.defer_to_off_peak and (deferral := defer_to_off_peak(book, history.quote)):
+                return Completed(name="Deferred", message=deferral.message, data=deferral)
+            attempt = run_attempt(settings, ledger, book, request, key, history, run_key, attempt_id, events)
     except BudgetRefused as refused:
         return Failed(name="OverBudget", message=str(refused))
     except REQUEST_ERRORS as error:
@@ -128,7 +146,7 @@ def admit(settings: OppenSettings, request: TrainingRequest) -> tuple[PriceBook,
 
 
 def run_attempt(settings: OppenSettings, ledger: Ledger, book: PriceBook, request: TrainingRequest, key: str,
-                history: History, run_key: str, attempt_id: str) -> Attempt:
+                history: History, run_key: str, attempt_id: str, events: RunEventContext) -> Attempt:
     plan, run, cost = request.plan, request.run, request.cost
     name = flow_run.get_name() or plan.name
     checkpoint_dir = settings.checkpoint_dir_for(*(run.checkpoint_subdir or f"{plan.name}/{run_key}").split("/"))
@@ -138,15 +156,16 @@ def run_attempt(settings: OppenSettings, ledger: Ledger, book: PriceBook, reques
         TrackingRun(settings, request.experiment, name, tags, resume_tag="prefect.flow_run_id") as tracking,
         open_run_budget(settings, ledger, book, cost, experiment=request.experiment, workload=plan.name,
                         run_key=run_key, attempt_id=attempt_id, billing_from=slots.acquired_at, tracking=tracking,
-                        title=f"{plan.name} run {name}") as budget,
+                        title=f"{plan.name} run {name}", events=events) as budget,
     ):
         workload = plan.load()
         workload.check_run(run)
         quote = quote_run(book, workload, run, cost, history, time.monotonic() - slots.acquired_at)
-        _reserve(budget, quote, request)
+        _reserve(budget, quote, request, events)
         tracking.open({"config": plan.config.model_dump(mode="json"), "run": run.model_dump(mode="json"),
                        "cost": cost.model_dump(mode="json")})
         budget.mlflow_run_id = tracking.run_id
+        link_mlflow_run(events, tracking.info)
         tracking.log(quote_metrics(quote), 0)
         sampler, spot = UtilizationSampler(), _spot_simulator(book, cost)
         trained = train_model(workload, run, checkpoint_dir, tracking, extra_callbacks=[budget.meter, sampler],
@@ -156,6 +175,8 @@ def run_attempt(settings: OppenSettings, ledger: Ledger, book: PriceBook, reques
         slots.release()  # the GPUs are free once the model is saved
         registered = register_if_good(settings, request.model_name, model_uri, evaluation, request.threshold,
                                       DEVELOPMENT_ALIAS)
+        if registered:
+            announce_registration(registered, events, tracking.run_id)
         tracking.log(_speed_metrics(budget, quote, trained, spot), trained.result.steps)
         budget.complete(Outcome(
             stopped=trained.result.stopped_early, metric_name=evaluation.primary_metric,
@@ -164,16 +185,17 @@ def run_attempt(settings: OppenSettings, ledger: Ledger, book: PriceBook, reques
             spot_lost_seconds=spot.lost_seconds if spot else 0.0,
             spot_interruptions=len(spot.interruptions) if spot else 0, stop_reason=budget.meter.stopped_for_cap,
         ))
+        report_utilization(events, book, cost.resources, sampler.report, budget.meter.totals.seconds)
     return Attempt(trained, evaluation, model_uri, registered, tracking.info, budget.settled)
 
 
-def _reserve(budget: RunBudget, quote: Quote, request: TrainingRequest) -> None:
+def _reserve(budget: RunBudget, quote: Quote, request: TrainingRequest, events: RunEventContext) -> None:
     try:
         reservation = budget.reserve(quote)
     except BudgetRefused as refused:
-        announce_refusal(refused, request.cost, request.experiment, quote)
+        announce_refusal(refused, events, quote)
         raise
-    announce_reservation(reservation, request.cost, request.experiment)
+    announce_reservation(reservation, request.cost, events)
 
 
 @contextlib.contextmanager

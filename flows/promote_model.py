@@ -6,8 +6,11 @@ from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
+from prefect.states import Completed, State
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from oppen.events import MODEL_PROMOTED, emit, model_event_id, model_resource
 from oppen.promotion import decide_promotion, previous_stage
 from oppen.settings import load_settings
 from tasks.registry import holder_of, version_score
@@ -44,10 +47,24 @@ def promote(model_name: str, target: str, version: int | None, force: bool) -> P
     if decision.allowed:
         client.set_registered_model_alias(model_name, target, str(version))
     get_run_logger().info("%s: %s", "promoted" if decision.allowed else "refused", decision.reason)
-    return PromotionResult(
+    result = PromotionResult(
         model_name=model_name, version=version, target=target, promoted=decision.allowed, reason=decision.reason,
         replaced_version=incumbent.version if incumbent and decision.allowed else None,
     )
+    if result.promoted:
+        _announce(result)
+    return result
+
+
+def _announce(result: PromotionResult) -> None:
+    """The hook for what follows a promotion (a serving-image build, a canary): the event, with MLflow's id for it."""
+    related = []
+    if run_id := flow_run.get_id():
+        related.append({"prefect.resource.id": f"prefect.flow-run.{run_id}", "prefect.resource.role": "flow-run"})
+    emit(MODEL_PROMOTED, model_resource(result.model_name, result.version, result.target), related,
+         {"name": result.model_name, "version": result.version, "alias": result.target,
+          "replaced_version": result.replaced_version, "source": "promote-model", "reason": result.reason, "links": {}},
+         event_id=model_event_id(MODEL_PROMOTED, result.model_name, result.version, result.target))
 
 
 @flow(name="promote-model", validate_parameters=True)
@@ -56,9 +73,16 @@ def promote_model(
     target: Literal["staging", "production"] = "staging",
     version: PositiveInt | None = None,
     force: bool = False,
-) -> PromotionResult:
-    """Give `version` (default: the holder of the previous stage) the `target` alias; fail with the reason if refused."""
+    only_if_better: bool = False,
+) -> PromotionResult | State:
+    """Give `version` (default: the holder of the previous stage) the `target` alias; fail with the reason if refused.
+
+    With `only_if_better` (the event-driven path: every new `development` version is offered to
+    `staging`), a refusal is an expected outcome: the run ends `NotPromoted` with the reason, not Failed.
+    """
     result = promote(model_name, target, version, force)
     if not result.promoted:
+        if only_if_better:
+            return Completed(name="NotPromoted", message=result.reason, data=result)
         raise PromotionRefused(result.reason)
     return result

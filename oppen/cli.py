@@ -8,6 +8,9 @@
     oppen submit NAME [-p k=v] [-j k=v] [--queue Q] [--check-cluster]
                                                 check pool, queue, job variables (and GPU capacity), then run
     oppen gpus [--spot | --on-demand]           free GPUs per type in the current kube context
+    oppen automations apply [--prune] [--file F] [--set k=v]
+                                                create/update automations.yaml's automations (idempotent)
+    oppen mlflow-webhook serve|register ...     receive MLflow registry webhooks as Prefect events
 """
 
 from __future__ import annotations
@@ -138,6 +141,17 @@ def _gpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delegate(args: argparse.Namespace) -> int:
+    """Commands whose module owns its own arguments (and help): `oppen automations ...` and `oppen mlflow-webhook ...`."""
+    if args.command == "automations":
+        from oppen.automations import main as automations_main
+
+        return automations_main(args.rest)
+    from oppen.mlflow_webhook_receiver import main as receiver_main
+
+    return receiver_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oppen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     capacity.add_argument("--spot", dest="spot", action="store_true", default=None)
     capacity.add_argument("--on-demand", dest="spot", action="store_false")
     gpus.set_defaults(handler=_gpus)
+    for name, what in (("automations", "automations as code: apply automations.yaml"),
+                       ("mlflow-webhook", "serve or register the MLflow registry webhook receiver")):
+        delegated = commands.add_parser(name, help=what, add_help=False)
+        delegated.add_argument("rest", nargs=argparse.REMAINDER)
+        delegated.set_defaults(handler=_delegate)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

@@ -8,8 +8,6 @@ import time
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
-from prefect.events import emit_event
-from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from oppen.cost.ledger import Ledger, Reservation, UnknownTeamError, utcnow
@@ -22,6 +20,7 @@ from oppen.cost.run_budget import BudgetRefused, SettledCost, least_hold_micros
 from oppen.cost.settlement import render_cost_markdown
 from oppen.cost.speed import PastRun, RunShape, from_calibration, from_history
 from oppen.errors import RequestError
+from oppen.events import BUDGET_REFUSED, BUDGET_WARNING, RunEventContext, emit_run_event
 from oppen.settings import OppenSettings
 from tasks.cost_history import past_runs
 from tasks.retry import transient_only
@@ -37,19 +36,6 @@ TAIL_LOGGING_SECONDS = 1.0
 
 class ResourceRequestError(RequestError):
     """The request asks for what this pool cannot give (e.g. more GPUs than the machine has)."""
-
-
-def emit_run_event(name: str, team: str, experiment: str, payload: dict) -> None:
-    """An event on `oppen.run.<flow run id>`, related to the flow run, the team and the experiment."""
-    run_id = flow_run.get_id() or "adhoc"
-    related = [
-        {"prefect.resource.id": f"oppen.team.{team}", "prefect.resource.role": "team"},
-        {"prefect.resource.id": f"oppen.experiment.{experiment}", "prefect.resource.role": "experiment"},
-    ]
-    if flow_run.get_id():
-        related.insert(0, {"prefect.resource.id": f"prefect.flow-run.{run_id}", "prefect.resource.role": "flow-run"})
-    emit_event(event=name, resource={"prefect.resource.id": f"oppen.run.{run_id}", "oppen.team": team},
-               related=related, payload=payload)
 
 
 def check_local_resources(resources: Resources, run: RunConfig) -> None:
@@ -99,19 +85,20 @@ def read_history(settings: OppenSettings, book: PriceBook, run: RunConfig, polic
 
 @task(cache_policy=NONE, retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=transient_only)
 def precheck_budget(settings: OppenSettings, ledger: Ledger, book: PriceBook, run: RunConfig, policy: CostPolicy,
-                    experiment: str, workload: str, key: str, run_key: str, attempt_id: str) -> History:
+                    experiment: str, workload: str, key: str, run_key: str, attempt_id: str,
+                    events: RunEventContext) -> History:
     """Before the data is read: an unknown team, an exhausted budget, or a quote from history that cannot fit.
 
     A refusal here is recorded in the ledger like one at reservation, and costs nothing. Returns the
     request's history, which the quote after loading uses too.
     """
     history = read_history(settings, book, run, policy, key)
-    _refuse_if_over(ledger, policy, experiment, workload, run_key, attempt_id, history.quote)
+    _refuse_if_over(ledger, policy, experiment, workload, run_key, attempt_id, history.quote, events)
     return history
 
 
 def _refuse_if_over(ledger: Ledger, policy: CostPolicy, experiment: str, workload: str, run_key: str,
-                    attempt_id: str, quote: Quote | None) -> None:
+                    attempt_id: str, quote: Quote | None, events: RunEventContext) -> None:
     if policy.team not in ledger.team_names():
         raise UnknownTeamError(
             f"unknown team {policy.team!r} (known: {', '.join(ledger.team_names())}); "
@@ -136,7 +123,8 @@ def _refuse_if_over(ledger: Ledger, policy: CostPolicy, experiment: str, workloa
     ledger.refuse(team=policy.team, experiment=experiment, run_key=run_key, attempt_id=attempt_id, reason=reason,
                   workload=workload, quote_micros=to_micros(quote.expected_usd) if quote else 0,
                   cap_micros=to_micros(policy.max_cost_usd, ceiling=True) if policy.max_cost_usd is not None else None)
-    emit_run_event("oppen.budget.refused", policy.team, experiment, {"reason": reason, "stage": "precheck"})
+    emit_run_event(events, BUDGET_REFUSED, {"reason": reason, "stage": "precheck",
+                                            "quote_usd": quote.expected_usd if quote else None})
     raise BudgetRefused(f"refused before loading: {reason}")
 
 
@@ -189,12 +177,12 @@ def quote_metrics(quote: Quote) -> dict[str, float]:
     }
 
 
-def announce_reservation(reservation: Reservation, policy: CostPolicy, experiment: str) -> None:
+def announce_reservation(reservation: Reservation, policy: CostPolicy, events: RunEventContext) -> None:
     """Log the hold, and warn (log line + event) for every budget past the warning fraction."""
     logger = get_run_logger()
     for use in reservation.warnings(policy.warn_fraction):
         logger.warning("budget warning: %s", use.describe())
-        emit_run_event("oppen.budget.warning", policy.team, experiment, {
+        emit_run_event(events, BUDGET_WARNING, {
             "scope": use.scope, "amount_usd": use.amount_micros / 1e6, "used_usd": use.used_micros / 1e6,
             "request_usd": use.request_micros / 1e6, "fraction": use.fraction_after,
         })
@@ -203,17 +191,17 @@ def announce_reservation(reservation: Reservation, policy: CostPolicy, experimen
                 reservation.attempt_number, earlier)
 
 
-def announce_refusal(error: BudgetRefused, policy: CostPolicy, experiment: str, quote: Quote | None) -> None:
+def announce_refusal(error: BudgetRefused, events: RunEventContext, quote: Quote | None) -> None:
     get_run_logger().error("%s", error)
-    emit_run_event("oppen.budget.refused", policy.team, experiment, {
+    emit_run_event(events, BUDGET_REFUSED, {
         "reason": str(error), "stage": "reserve", "quote_usd": quote.expected_usd if quote else None})
 
 
 class PrefectCostReporter:
     """Where the meter's forecasts and threshold events go: MLflow metrics, log lines and Prefect events."""
 
-    def __init__(self, tracking, team: str, experiment: str) -> None:
-        self.tracking, self.team, self.experiment = tracking, team, experiment
+    def __init__(self, tracking, events: RunEventContext) -> None:
+        self.tracking, self.events = tracking, events
         self.logger = get_run_logger()
 
     def forecast(self, point: ForecastPoint) -> None:
@@ -231,7 +219,7 @@ class PrefectCostReporter:
                                 event.payload["accrued_usd"], event.payload["of_usd"])
         else:
             self.logger.warning("%s: %s", event.name, event.payload)
-        emit_run_event(event.name, self.team, self.experiment, event.payload)
+        emit_run_event(self.events, event.name, event.payload)
 
 
 @task(cache_policy=NONE, retries=3, retry_delay_seconds=[1, 3, 10])

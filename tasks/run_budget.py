@@ -10,6 +10,7 @@ from oppen.cost.ledger import Ledger
 from oppen.cost.policy import CostPolicy
 from oppen.cost.price_book import PriceBook
 from oppen.cost.run_budget import RunBudget, SettledCost
+from oppen.events import COST_SETTLED, RunEventContext, emit_run_event
 from oppen.settings import OppenSettings
 from tasks.cost_tasks import PrefectCostReporter, publish_cost
 from tasks.mlflow_tasks import TrackingRun
@@ -22,13 +23,19 @@ def is_preemption(error: BaseException) -> bool:
 
 def open_run_budget(
     settings: OppenSettings, ledger: Ledger, book: PriceBook, policy: CostPolicy, *, experiment: str, workload: str,
-    run_key: str, attempt_id: str, billing_from: float, tracking: TrackingRun, title: str,
+    run_key: str, attempt_id: str, billing_from: float, tracking: TrackingRun, title: str, events: RunEventContext,
 ) -> RunBudget:
     """A RunBudget whose forecasts and events reach MLflow and Prefect, and whose settlement is published there."""
-    reporter = PrefectCostReporter(tracking, policy.team, experiment)
+    reporter = PrefectCostReporter(tracking, events)
 
     def publish(settled: SettledCost) -> None:
         publish_cost(settings, settled, tracking.run_id, title)
+        cost = settled.cost
+        emit_run_event(events, COST_SETTLED, {
+            "status": cost.status, "cost_usd": cost.attempt_cost_usd, "run_cost_usd": cost.cost_usd,
+            "cap_usd": cost.cap_usd, "quote_usd": cost.quote_expected_usd, "attempt": cost.attempt,
+            "metric": cost.metric_name, "metric_value": cost.metric_value, "booked": not settled.pending,
+        })
 
     return RunBudget(
         ledger=ledger, book=book, policy=policy, experiment=experiment, workload=workload, run_key=run_key,

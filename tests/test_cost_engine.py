@@ -163,7 +163,7 @@ def test_meter_stops_before_the_step_that_would_cross_the_cap_with_one_step_to_s
     assert meter.accrued_usd + step_usd <= cap
     assert cap - meter.accrued_usd < 2 * step_usd  # and it did not stop more than a step early
     assert [e.payload["fraction"] for e in meter.events if e.name == "oppen.cost.threshold"] == [0.5, 0.7, 0.9]
-    assert any(e.name == "oppen.cost.cap_reached" for e in meter.events)
+    assert any(e.name == "oppen.budget.stopped" for e in meter.events)
 
 
 def test_meter_keeps_the_epoch_end_and_the_tail_inside_the_cap():

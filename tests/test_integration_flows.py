@@ -69,6 +69,10 @@ def test_promotion_moves_along_and_refuses_a_worse_replacement(in_process):
         promote_model(model_name="promo-cnn", target="production")
     client = MlflowClient(in_process.tracking_uri)
     assert int(client.get_model_version_by_alias("promo-cnn", "production").version) == good
+    # The event-driven path offers every new version: a worse one ends NotPromoted, a completed run, not a failure.
+    offered = promote_model(model_name="promo-cnn", target="production", version=worse, only_if_better=True,
+                            return_state=True)
+    assert offered.is_completed() and offered.name == "NotPromoted" and "scores better" in offered.message
     forced = promote_model(model_name="promo-cnn", target="production", force=True)
     assert forced.promoted and forced.replaced_version == good
     assert int(client.get_model_version_by_alias("promo-cnn", "production").version) == worse

@@ -81,7 +81,7 @@ class ForecastPoint:
 
 @dataclass(frozen=True)
 class CostEvent:
-    name: str  # oppen.cost.threshold | oppen.cost.cap_reached
+    name: str  # oppen.cost.threshold | oppen.budget.stopped | oppen.training.slow (oppen/events.py)
     payload: dict
 
 
@@ -134,6 +134,7 @@ class CostMeter(Callback):
         on_forecast: Callable[[ForecastPoint], None] | None = None,
         forecasts_per_first_epoch: int = 10,
         thresholds: tuple[float, ...] = THRESHOLDS,
+        slow_factor: float | None = None,
     ) -> None:
         self.book, self.resources, self.spot = book, resources, spot
         self._prices = PriceCursor(book, resources, spot)
@@ -156,6 +157,11 @@ class CostMeter(Callback):
         self.on_forecast = on_forecast
         self.forecasts_per_first_epoch = forecasts_per_first_epoch
         self.thresholds = thresholds
+        # An epoch over slow_factor x what the speed history expects is reported once (None: the
+        # expectation is a calibration's, too rough to call a run slow against).
+        self.slow_factor = slow_factor
+        self.reported_slow = False
+        self._epoch_start_step = 0
         # Billing starts here; a flow passes the moment it got its GPU slots.
         self._last_mono = start if start is not None else self.monotonic()
         self.totals = MeterTotals()
@@ -273,6 +279,9 @@ class CostMeter(Callback):
         self.timing.last_step_end = None
         self.timing.pending_overhead_from = None
         self._attempt_steps = 0
+        self._epoch_start_step = info.start_step
+        if info.start_step:
+            self.reported_slow = True  # a resumed epoch's time is partial: not comparable with the history
 
     def on_step_begin(self, step: StepInfo, control: LoopControl) -> None:
         now = self.tick()
@@ -323,6 +332,7 @@ class CostMeter(Callback):
         self.timing.last_step_end = None
         self.epoch_ends_done += 1
         self.epoch_costs.append((epoch.epoch, self.run_usd))
+        self._check_slow(epoch)
         self.forecast_now(now, epoch.step, "epochs")
 
     def on_train_end(self, result: TrainResult, control: LoopControl) -> None:
@@ -357,12 +367,25 @@ class CostMeter(Callback):
             f"may spend ${self.limit_usd:.6f} and has spent ${self.totals.usd:.6f}{earlier}; the next step would "
             f"cost ~${unit_usd:.6f} and ${tail_usd:.6f} is kept for evaluating and logging the model"
         )
-        self._emit("oppen.cost.cap_reached", {
-            "limit_usd": self.limit_usd, "limited_by": why, "cap_usd": self.cap_usd, "accrued_usd": self.run_usd,
+        self._emit("oppen.budget.stopped", {
+            "reason": self.stopped_for_cap, "cost_usd": self.run_usd, "limit_usd": self.limit_usd, "limited_by": why, "cap_usd": self.cap_usd, "accrued_usd": self.run_usd,
             "attempt_usd": self.totals.usd, "step": step.step, "total_steps": step.total_steps,
             "next_step_usd": unit_usd, "tail_reserve_usd": tail_usd,
         })
         control.request_stop(self.stopped_for_cap)
+
+    def _check_slow(self, epoch: EpochRecord) -> None:
+        steps = epoch.step - self._epoch_start_step
+        self._epoch_start_step = epoch.step
+        if self.slow_factor is None or self.reported_slow or not self.expected_step_seconds or steps <= 0:
+            return
+        expected = steps * self.expected_step_seconds + self.expected_epoch_overhead_seconds
+        if epoch.epoch_seconds > self.slow_factor * expected:
+            self.reported_slow = True
+            self._emit("oppen.training.slow", {
+                "epoch": epoch.epoch, "epoch_seconds": epoch.epoch_seconds, "expected_seconds": expected,
+                "ratio": epoch.epoch_seconds / expected, "steps": steps,
+            })
 
     # --- thresholds ----------------------------------------------------------------------
 

@@ -49,6 +49,10 @@ class CostPolicy(BaseModel):
         20, ge=3, le=200, description="Steps timed to estimate speed when MLflow has no history for this config."
     )
     warn_fraction: float = Field(0.7, gt=0.0, lt=1.0, description="Budget use at which a warning event is emitted.")
+    defer_to_off_peak: bool = Field(
+        False, description="Outside the price book's off-peak window, a deployment run reschedules itself to the "
+        "window's next start and ends Deferred, stating the saving; inside the window it runs at once.",
+    )
 
     @model_validator(mode="after")
     def _spot_rate_needs_spot(self) -> CostPolicy:

@@ -157,24 +157,29 @@ def learning_rate(run: RunRecord, history: Sequence[RunRecord] = (), **_) -> Rec
 def low_utilization(run: RunRecord, book: PriceBook, **_) -> Recommendation | None:
     if not run.resources.gpus or run.gpu_util_mean is None:
         return None
-    hours = run.seconds / 3600
-    now_hourly = on_demand_hourly_usd(book, run.resources)
-    if run.gpu_util_mean < LOW_GPU_UTILIZATION:
-        target = run.resources.model_copy(update={"gpus": 0, "gpu_type": None})
+    return gpu_advice(run.resources, run.gpu_util_mean, run.seconds, book)
+
+
+def gpu_advice(resources: Resources, gpu_util_mean: float, seconds: float, book: PriceBook) -> Recommendation | None:
+    """CPU below 15% GPU utilisation, a cheaper GPU type below 40%; None when no cheaper device applies."""
+    hours = seconds / 3600
+    now_hourly = on_demand_hourly_usd(book, resources)
+    if gpu_util_mean < LOW_GPU_UTILIZATION:
+        target = resources.model_copy(update={"gpus": 0, "gpu_type": None})
         action = "run on CPU"
-    elif run.gpu_util_mean < SMALLER_GPU_UTILIZATION:
-        current = book.rates.gpu_type_hour_usd.get(run.resources.gpu_type or "", book.rates.gpu_hour_usd)
+    elif gpu_util_mean < SMALLER_GPU_UTILIZATION:
+        current = book.rates.gpu_type_hour_usd.get(resources.gpu_type or "", book.rates.gpu_hour_usd)
         cheaper = sorted((rate, name) for name, rate in book.rates.gpu_type_hour_usd.items() if rate < current)
         if not cheaper:
             return None
-        target = run.resources.model_copy(update={"gpu_type": cheaper[-1][1]})
+        target = resources.model_copy(update={"gpu_type": cheaper[-1][1]})
         action = f"use the cheaper GPU type {cheaper[-1][1]}"
     else:
         return None
     saving = (now_hourly - on_demand_hourly_usd(book, target)) * hours
     return Recommendation(
         strategy="low_utilization", action=action,
-        evidence=f"GPU utilisation averaged {run.gpu_util_mean:.0%} over the run (on-demand rate, same duration "
+        evidence=f"GPU utilisation averaged {gpu_util_mean:.0%} over the run (on-demand rate, same duration "
                  "assumed: an upper bound when the smaller device is slower)",
         saving_usd=saving,
     )

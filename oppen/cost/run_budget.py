@@ -41,6 +41,9 @@ TRANSIENT = (OperationalError, InterfaceError, ConnectionError, TimeoutError)
 LEDGER_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # ~7.5 s: inside Kubernetes' 30 s grace period after SIGTERM
 
 
+SLOW_FACTOR = 2.0  # an epoch over twice its history's time is reported (oppen.training.slow)
+
+
 class BudgetRefused(RuntimeError):
     """The run's quote does not fit its budgets or its cap; nothing was trained."""
 
@@ -292,6 +295,8 @@ class RunBudget:
             tail_reserve_seconds=tail_reserve_seconds(quote),
             start=self.billing_from, monotonic=self.monotonic,
             on_event=self.on_event, on_forecast=self.on_forecast,
+            # "Slow" is measured against this request's own history, never against a short calibration.
+            slow_factor=SLOW_FACTOR if speed.source == "history" else None,
         )
 
     def _extend(self, wanted_usd: float) -> tuple[float, str | None]:

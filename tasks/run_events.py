@@ -1,0 +1,95 @@
+"""A training run's events (oppen/events.py), wired to Prefect's runtime: who the run is, where to find it."""
+
+from __future__ import annotations
+
+import logging
+from uuid import UUID
+
+from prefect.runtime import deployment, flow_run
+
+from oppen.cost.price_book import PriceBook, Resources
+from oppen.cost.recommend import SMALLER_GPU_UTILIZATION, gpu_advice
+from oppen.cost.utilization import Utilization
+from oppen.events import (
+    GPU_UNDERUTILIZED,
+    MODEL_PROMOTED,
+    MODEL_REGISTERED,
+    RunEventContext,
+    emit,
+    emit_run_event,
+    model_event_id,
+    model_resource,
+)
+from tasks.mlflow_tasks import TrackingInfo
+from tasks.registry import RegisteredVersion
+
+MLFLOW_TAG_PREFIX = "mlflow:"  # flow-run tag `mlflow:<experiment id>/<run id>`: automations link the MLflow run
+
+log = logging.getLogger(__name__)
+
+
+def prefect_run_url(flow_run_id: str | None) -> str | None:
+    """The flow run's page in the Prefect UI (prefect.runtime's own helper builds a path the UI does not serve)."""
+    from prefect.utilities.urls import url_for
+
+    return url_for("flow-run", obj_id=flow_run_id) if flow_run_id else None
+
+
+def run_event_context(team: str, experiment: str, workload: str) -> RunEventContext:
+    run_id = flow_run.get_id()
+    links = {}
+    if run_id and (url := prefect_run_url(flow_run.get_id())):
+        links["prefect"] = url
+    return RunEventContext(flow_run_id=run_id, team=team, experiment=experiment, workload=workload,
+                           flow_run_name=flow_run.get_name(), deployment_id=deployment.get_id(), links=links)
+
+
+def link_mlflow_run(events: RunEventContext, info: TrackingInfo) -> None:
+    """From here on the run's events name its MLflow run; the flow run is tagged so Prefect's own events can too."""
+    events.mlflow_run_id = info.run_id
+    if info.run_url:
+        events.links["mlflow"] = info.run_url
+    if not events.flow_run_id:
+        return
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            tags = [tag for tag in flow_run.get_tags() if not tag.startswith(MLFLOW_TAG_PREFIX)]
+            client.update_flow_run(UUID(events.flow_run_id),
+                                   tags=[*tags, f"{MLFLOW_TAG_PREFIX}{info.experiment_id}/{info.run_id}"])
+    except Exception as error:  # a link for alerts only: never worth failing a run over
+        log.warning("could not tag the flow run with its MLflow run: %s", error)
+
+
+def announce_registration(registered: RegisteredVersion, events: RunEventContext, mlflow_run_id: str) -> None:
+    """`registered`, then `promoted` to its alias: the same ids MLflow's webhook receiver uses, so each counts once."""
+    links = dict(events.links)
+    related = events.related()
+    emit(MODEL_REGISTERED, model_resource(registered.name, registered.version), related,
+         {"name": registered.name, "version": registered.version, "alias": None, "run_id": mlflow_run_id,
+          "source": "oppen-flow", "metric": registered.metric, "metric_value": registered.value, "links": links},
+         event_id=model_event_id(MODEL_REGISTERED, registered.name, registered.version, None))
+    emit(MODEL_PROMOTED, model_resource(registered.name, registered.version, registered.alias), related,
+         {"name": registered.name, "version": registered.version, "alias": registered.alias, "replaced_version": None,
+          "source": "oppen-flow", "metric": registered.metric, "metric_value": registered.value, "links": links},
+         event_id=model_event_id(MODEL_PROMOTED, registered.name, registered.version, registered.alias))
+
+
+def report_utilization(events: RunEventContext, book: PriceBook, resources: Resources, utilization: Utilization | None,
+                       seconds: float) -> dict | None:
+    """A GPU run that used its GPUs below the recommender's threshold: an event with the recommender's advice."""
+    if not resources.gpus or utilization is None or utilization.gpu_util_mean is None:
+        return None
+    if utilization.gpu_util_mean >= SMALLER_GPU_UTILIZATION:
+        return None
+    advice = gpu_advice(resources, utilization.gpu_util_mean, seconds, book)
+    payload = {
+        "gpu_utilization": utilization.gpu_util_mean, "threshold": SMALLER_GPU_UTILIZATION, "gpus": resources.gpus,
+        "gpu_type": resources.gpu_type,
+        "advice": (f"{advice.action}: saves about ${advice.saving_usd:.2f} on a run like this ({advice.evidence})"
+                   if advice else "no cheaper device in the price book; a smaller batch or fewer GPUs may fit"),
+        "saving_usd": advice.saving_usd if advice else 0.0,
+    }
+    emit_run_event(events, GPU_UNDERUTILIZED, payload)
+    return payload
