@@ -141,18 +141,25 @@ def _gpus(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(args: argparse.Namespace) -> int:
-    """Commands whose module owns its own arguments (and help): `oppen automations ...` and `oppen mlflow-webhook ...`."""
-    if args.command == "automations":
+DELEGATED = {"automations": "automations as code: apply automations.yaml",
+             "mlflow-webhook": "serve or register the MLflow registry webhook receiver"}
+
+
+def _delegate(command: str, rest: list[str]) -> int:
+    """Commands whose module owns its arguments (and help): `oppen automations ...` and `oppen mlflow-webhook ...`."""
+    if command == "automations":
         from oppen.automations import main as automations_main
 
-        return automations_main(args.rest)
+        return automations_main(rest)
     from oppen.mlflow_webhook_receiver import main as receiver_main
 
-    return receiver_main(args.rest)
+    return receiver_main(rest)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        return _delegate(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="oppen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     budgets = commands.add_parser("budgets", help="teams and budgets").add_subparsers(dest="action", required=True)
@@ -181,11 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     capacity.add_argument("--spot", dest="spot", action="store_true", default=None)
     capacity.add_argument("--on-demand", dest="spot", action="store_false")
     gpus.set_defaults(handler=_gpus)
-    for name, what in (("automations", "automations as code: apply automations.yaml"),
-                       ("mlflow-webhook", "serve or register the MLflow registry webhook receiver")):
-        delegated = commands.add_parser(name, help=what, add_help=False)
-        delegated.add_argument("rest", nargs=argparse.REMAINDER)
-        delegated.set_defaults(handler=_delegate)
+    for name, what in DELEGATED.items():  # listed in the help; parsed by their own modules (see above)
+        commands.add_parser(name, help=what)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
