@@ -88,3 +88,31 @@ def test_an_unreachable_ledger_stops_the_run_before_anything_is_spent(in_process
     assert state.is_failed() and state.name == "LedgerUnavailable", f"{state.name}: {state.message}"
     assert "cannot be reached" in state.message and "Traceback" not in state.message
     assert MlflowClient(in_process.tracking_uri).get_experiment_by_name("no-ledger") is None  # nothing was opened
+
+
+def test_a_version_the_flow_registers_is_offered_to_staging_by_the_deployment_trigger(in_process):
+    """training → `development` → the prefect.yaml trigger runs promote-model/local on the worker → `staging`."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+
+    summary = train_mnist(run=RunConfig(epochs=1, batch_size=128, learning_rate=5e-3, max_steps=12),
+                          experiment="lifecycle", model_name="trigger-cnn", min_test_accuracy=0.0)
+    version = summary.registered.version
+
+    async def promotions():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["local"])), flow_run_filter=FlowRunFilter())
+            return [run for run in runs if run.parameters.get("model_name") == "trigger-cnn"]
+
+    def finished():
+        runs = asyncio.run(promotions())
+        return runs if runs and all(run.state.is_final() for run in runs) else None
+
+    (run,) = in_process.wait_for(finished, 180, "the trigger's promote-model run to finish")
+    assert run.state.is_completed() and run.parameters["version"] == version, run.state
+    assert run.parameters["target"] == "staging" and run.parameters["only_if_better"] is True
+    holder = MlflowClient(in_process.tracking_uri).get_model_version_by_alias("trigger-cnn", "staging")
+    assert int(holder.version) == version
