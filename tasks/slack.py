@@ -1,13 +1,9 @@
 """Slack through slack-sdk: a bot token (a channel per team) or an incoming webhook, never failing a run.
 
 A message is posted from a daemon thread that the caller waits for at most `slack_deadline_s`, retries
-and Retry-After waits included. slack-sdk's retry handlers decide *what* is retried (connection errors,
-429, 500/503); ours decide *whether there is time*: a retry whose wait would end past the deadline is
-not made, and none is made once the caller has stopped waiting. So a message is never re-sent after
-the deadline; an attempt already in flight at the deadline may still land (once) and is reported failed.
-
-The bot token and the webhook URL (a webhook's URL is its credential) are never logged: errors are
-scrubbed of both, and slack-sdk, which logs request URLs, logs through a scrubbing adapter.
+and Retry-After waits included (slack_retries.py decides whether a retry still fits). An attempt already
+in flight at the deadline may still land (once) and is reported failed. The credential comes from
+slack_credentials.py, and every error reported here is scrubbed of it.
 """
 
 from __future__ import annotations
@@ -17,120 +13,29 @@ import logging
 import os
 import re
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from prefect import get_run_logger, task
-from prefect.blocks.system import Secret
 from prefect.cache_policies import NONE
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 from slack_sdk import WebClient, WebhookClient
 from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.builtin_handlers import (
-    ConnectionErrorRetryHandler,
-    RateLimitErrorRetryHandler,
-    ServerErrorRetryHandler,
-)
-from slack_sdk.http_retry.builtin_interval_calculators import BackoffRetryIntervalCalculator
-from slack_sdk.http_retry.handler import RetryHandler
 
 from oppen.cost.budgets import load_budgets
 from oppen.events import NOTIFICATION_FAILED, RunEventContext, emit_run_event
 from oppen.notify.blocks import SlackMessage
 from oppen.settings import OppenSettings, load_settings
+from tasks.slack_credentials import SlackCredentials, _ScrubbedLogger, resolve_credentials, scrub
+from tasks.slack_retries import _Post, _retry_handlers
 
-log = logging.getLogger(__name__)
+# Not used here, but importable from tasks.slack as before the split (tests/test_slack.py imports both).
+from tasks.slack_credentials import REDACTED  # noqa: F401
+from tasks.slack_retries import _RateLimitRetry  # noqa: F401
 
-MAX_RETRIES = 2  # per kind of failure: three attempts at most, all inside the deadline
 REQUEST_TIMEOUT_S = 5  # one attempt; Slack answers in well under a second when it is up
-# 0.25 s then 0.5 s, plus up to 1 s of jitter each: a 5xx or a dropped connection is retried well
-# inside the default 10 s deadline.
-BACKOFF = BackoffRetryIntervalCalculator(backoff_factor=0.25)
 MAX_ERROR_CHARS = 300
-REDACTED = "[redacted]"
-
-
-# --- credentials ------------------------------------------------------------------------------
-
-
-class SlackCredentials(BaseModel):
-    """A bot token or a webhook URL (the token wins when both are set); repr shows neither."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    bot_token: SecretStr | None = None
-    webhook_url: SecretStr | None = None
-    source: str = Field("none", description="Where they were found: environment, secret block or none.")
-
-    @property
-    def mode(self) -> Literal["bot", "webhook", "none"]:
-        return "bot" if self.bot_token else "webhook" if self.webhook_url else "none"
-
-    def secrets(self) -> list[str]:
-        return [value.get_secret_value() for value in (self.bot_token, self.webhook_url) if value]
-
-
-def resolve_credentials(settings: OppenSettings) -> SlackCredentials:
-    """The environment's value first, else the Prefect Secret block's; the bot token before the webhook."""
-    for field, block_name in (("bot_token", settings.slack_token_block),
-                              ("webhook_url", settings.slack_webhook_block)):
-        value: SecretStr | None = getattr(settings, f"slack_{field}")
-        if value and value.get_secret_value():
-            return SlackCredentials(**{field: value}, source="environment")
-        loaded = _load_secret_block(block_name)
-        if loaded:
-            return SlackCredentials(**{field: SecretStr(loaded)}, source="secret block")
-    return SlackCredentials()
-
-
-def _load_secret_block(name: str) -> str | None:
-    """The block's value; None when it does not exist, or cannot be read (with a warning naming only the block)."""
-    try:
-        value = Secret.load(name).get()
-    except ValueError as error:
-        if "Unable to find block document" not in str(error):
-            log.warning("Slack secret block %r unreadable (%s); Slack is off", name, type(error).__name__)
-        return None
-    except Exception as error:  # the API down or misconfigured: Slack is off, the run goes on
-        log.warning("Slack secret block %r unreadable (%s); Slack is off", name, type(error).__name__)
-        return None
-    if not isinstance(value, str) or not value.strip():
-        log.warning("Slack secret block %r holds no text value; Slack is off", name)
-        return None
-    return value.strip()
-
-
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """`text` without any secret, nor a webhook URL's path (its secret part, as an error may quote it alone)."""
-    for secret in secrets:
-        if not secret:
-            continue
-        text = text.replace(secret, REDACTED)
-        parts = urlsplit(secret)
-        if parts.scheme and len(parts.path) > 1:
-            text = text.replace(parts.netloc + parts.path, REDACTED).replace(parts.path, REDACTED)
-    return text
-
-
-class _ScrubbedLogger(logging.LoggerAdapter):
-    """slack-sdk's logger without our secrets: it logs request URLs at info, and a webhook's URL is its secret."""
-
-    def __init__(self, logger: logging.Logger, secrets: list[str]) -> None:
-        super().__init__(logger, {})
-        self.secrets = secrets
-
-    @property
-    def level(self) -> int:  # slack-sdk reads it to decide whether to build its debug lines
-        return self.logger.level
-
-    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
-        if self.isEnabledFor(level):
-            text = str(msg) % args if args else str(msg)
-            kwargs.pop("exc_info", None)  # a traceback's frames may quote a URL; the line says what failed
-            self.logger.log(level, scrub(text, self.secrets), **kwargs)
 
 
 # --- delivery ---------------------------------------------------------------------------------
@@ -146,107 +51,6 @@ class Delivery(BaseModel):
     attempts: int = Field(0, ge=0)
     seconds: float = Field(0.0, ge=0)
     error: str | None = Field(None, description="Why it failed, scrubbed of the token and the webhook URL.")
-
-
-class _Post:
-    """One message on its way: the clock, the attempts and the outcome, shared by the sending thread, its
-    retry handlers and the caller waiting for it."""
-
-    def __init__(self, deadline_s: float) -> None:
-        self.deadline_s = deadline_s
-        self.started = time.monotonic()
-        self.attempts = 1
-        self.channel: str | None = None
-        self.gave_up: str | None = None  # why a retry was not made
-        self.abandoned = False
-        self.outcome: Delivery | None = None
-        self.lock = threading.Lock()
-
-    def left(self) -> float:
-        return self.deadline_s - (time.monotonic() - self.started)
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def finish(self, outcome: Delivery) -> None:
-        with self.lock:
-            if not self.abandoned:
-                self.outcome = outcome
-
-    def abandon(self) -> Delivery | None:
-        """Stop waiting: no retry from now on; the outcome if it arrived meanwhile."""
-        with self.lock:
-            self.abandoned = True
-            return self.outcome
-
-
-class _WithinDeadline(RetryHandler):
-    """Retries what the slack-sdk handler it is mixed into accepts, when the wait ends before the deadline."""
-
-    post: _Post
-
-    def can_retry(self, *, state, request, response=None, error=None) -> bool:
-        if not super().can_retry(state=state, request=request, response=response, error=error):
-            return False
-        wait = self.wait_s(state, response)
-        if self.post.abandoned:
-            self.post.gave_up = "the caller stopped waiting"
-            return False
-        if wait is None or wait >= self.post.left():
-            self.post.gave_up = self.why_not(wait)
-            return False
-        self._wait = wait
-        return True
-
-    def wait_s(self, state, response) -> float | None:
-        return self.interval_calculator.calculate_sleep_duration(state.current_attempt)
-
-    def why_not(self, wait: float | None) -> str:
-        return f"a retry in {wait:.1f} s would pass the {self.post.deadline_s:g} s deadline"
-
-    def prepare_for_next_attempt(self, *, state, request, response=None, error=None) -> None:
-        # slack-sdk's own sleeps are replaced by the wait already checked against the deadline
-        state.next_attempt_requested = True
-        time.sleep(self._wait)
-        state.increment_current_attempt()
-        self.post.attempts += 1
-
-
-class _ConnectionRetry(_WithinDeadline, ConnectionErrorRetryHandler):
-    pass
-
-
-class _ServerErrorRetry(_WithinDeadline, ServerErrorRetryHandler):
-    pass
-
-
-class _RateLimitRetry(_WithinDeadline, RateLimitErrorRetryHandler):
-    def wait_s(self, state, response) -> float | None:
-        """Slack's Retry-After, in seconds; None (no retry) when it is missing or not a number."""
-        headers = response.headers if response is not None else {}
-        for name, values in headers.items():
-            if name.lower() == "retry-after":
-                try:
-                    return max(float(values[0] if isinstance(values, list) else values), 0.0)
-                except ValueError:
-                    return None
-        return None
-
-    def why_not(self, wait: float | None) -> str:
-        if wait is None:
-            return "Slack's 429 carried no usable Retry-After"
-        return f"Retry-After {wait:g} s would pass the {self.post.deadline_s:g} s deadline"
-
-
-def _retry_handlers(post: _Post) -> list[RetryHandler]:
-    handlers: list[RetryHandler] = [
-        _ConnectionRetry(max_retry_count=MAX_RETRIES, interval_calculator=BACKOFF),
-        _RateLimitRetry(max_retry_count=MAX_RETRIES, interval_calculator=BACKOFF),
-        _ServerErrorRetry(max_retry_count=MAX_RETRIES, interval_calculator=BACKOFF),
-    ]
-    for handler in handlers:
-        handler.post = post
-    return handlers
 
 
 # --- the notifier -----------------------------------------------------------------------------
