@@ -57,7 +57,9 @@ def run_facts(settings: OppenSettings, request, events: RunEventContext, state: 
         team=request.cost.team, experiment=request.experiment,
         cost_usd=cost.cost_usd if cost else None,
         cap_usd=request.cost.max_cost_usd, quote_usd=cost.quote_expected_usd if cost else None,
-        budget_fraction=budget_fraction(settings, request.cost.team, request.experiment),
+        # Not asked again of a ledger the run just found unreachable (each try may wait its 5 s connect timeout).
+        budget_fraction=None if state.name == "LedgerUnavailable" else budget_fraction(
+            settings, request.cost.team, request.experiment),
         metric=MetricValue(name=evaluation.primary_metric, value=evaluation.primary_value) if evaluation else None,
         registered=RegisteredModel(name=registered.name, version=registered.version, alias=registered.alias)
         if registered else None,
