@@ -119,3 +119,17 @@ def test_secrets_stay_out_of_logs_artifacts_parameters_and_mlflow(stack, slack, 
     for text in texts:
         assert not any(secret in text for secret in secrets)
     assert "Slack message not delivered" in texts[0]  # the failure was logged, without the secret
+
+
+def test_the_weekly_cost_report_posts_the_spend_per_team_and_experiment(stack, slack):
+    from flows.cost_report import ReportRequest, cost_report
+
+    train_mnist(run=TINY, experiment="notify-report", min_test_accuracy=0.0)  # something spent this week
+    report = cost_report(request=ReportRequest(last_days=7), post_to_slack=True)
+    run_summary, message = slack.messages()  # the run posted its own ending first
+    assert "notify-report" in _blocks_text(run_summary)
+    blocks = _blocks_text(message)
+    from oppen.cost.money import format_usd, to_micros
+
+    assert "notify-report" in blocks and f"{format_usd(to_micros(report.total_usd))} over {report.runs} run" in blocks
+    assert message["channel"] == "#ml-runs"  # a report across teams goes to the default channel
