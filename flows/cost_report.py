@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Annotated
 
+from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
@@ -67,7 +68,12 @@ def collect(settings: OppenSettings, request: ReportRequest):
         run_id = row.get("mlflow_run_id")
         if not run_id:
             continue
-        metrics = client.get_run(run_id).data.metrics
+        try:
+            metrics = client.get_run(run_id).data.metrics
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            continue  # the MLflow run was deleted (or its store reset): the ledger's money still counts
         for key in ("test_accuracy", "eval_perplexity"):
             if key in metrics:
                 quality[run_id] = (key, metrics[key], metrics.get("cost_per_point_usd"))

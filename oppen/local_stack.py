@@ -28,6 +28,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 from oppen.settings import load_settings
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -110,14 +112,20 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of the service's group is left (each service leads a session of its own)."""
+def group_alive(pgid: int) -> bool:
+    """Whether a process of the service's group still runs (each service leads a session of its own).
+
+    Zombies do not count: a service stopped by another process (`oppen-local.sh down`) leaves its
+    children to init, and a container's init may never reap them.
+    """
     _reap(pgid)
-    try:
-        os.killpg(pgid, 0)
-    except OSError:  # none left (or the id now belongs to someone else's processes)
-        return False
-    return True
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
 
 
 class LocalStack:
@@ -309,15 +317,18 @@ class LocalStack:
                 pass
         deadline = time.monotonic() + 15
         for pid in pids.values():
-            while _group_alive(pid):
-                if time.monotonic() > deadline:
+            killed_at = None
+            while group_alive(pid):
+                now = time.monotonic()
+                if killed_at is None and now > deadline:
+                    killed_at = now
                     try:
                         os.killpg(pid, signal.SIGKILL)
                     except OSError:
                         pass
-                    time.sleep(0.2)
-                    _reap(pid)
-                    break
+                elif killed_at is not None and now > killed_at + 10:
+                    break  # SIGKILL cannot be ignored: what is left is the kernel's to clean up
+                _reap(pid)
                 time.sleep(0.2)
         state = self.state()
         if state:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tests.prefect_api import prefect_api
+
 import os
 from pathlib import Path
 
@@ -56,9 +58,8 @@ def stack(tmp_path_factory, mnist_dir):
 @pytest.fixture
 def in_process(stack, monkeypatch):
     """Flows called in this process talk to the test server and its MLflow store."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     for key in ("OPPEN_HOME", "OPPEN_MLFLOW_TRACKING_URI"):
         monkeypatch.setenv(key, stack.env[key])
-    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+    with prefect_api(stack.api_url):
         yield stack

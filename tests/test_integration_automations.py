@@ -4,6 +4,8 @@ block the command keeps. One server for the module; proactive windows shortened 
 
 from __future__ import annotations
 
+from tests.prefect_api import prefect_api
+
 import asyncio
 import time
 from datetime import datetime, timedelta, timezone
@@ -13,7 +15,6 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.events import Event
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed, Failed, Pending, Running, Scheduled
 
 from oppen.automations import DEFAULT_FILE, BLOCK_NAME, apply_automations, main
@@ -54,7 +55,7 @@ def stack(tmp_path_factory, slack):
             patch.setenv(key, value)
         try:
             stack.start_server()
-            with temporary_settings({PREFECT_API_URL: stack.api_url}):
+            with prefect_api(stack.api_url):
                 yield stack
         finally:
             stack.stop()

@@ -5,6 +5,8 @@ MLflow directly (as a user in its UI would) is promoted to `staging` by promote-
 
 from __future__ import annotations
 
+from tests.prefect_api import prefect_api
+
 import asyncio
 import os
 import stat
@@ -23,11 +25,9 @@ MODEL = "stack-events"
 
 
 def _gone(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except OSError:
-        return True
-    return False
+    from oppen.local_stack import group_alive
+
+    return not group_alive(pid)
 
 
 # `python -m oppen.local_stack COMMAND`, on free ports rather than 4200/5000/8765 (a stack of the
@@ -72,13 +72,12 @@ def started(stack) -> str:
 
 def _prefect(stack: LocalStack, call):
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     async def run():
         async with get_client() as client:
             return await call(client)
 
-    with temporary_settings({PREFECT_API_URL: stack.env()["PREFECT_API_URL"]}):
+    with prefect_api(stack.env()["PREFECT_API_URL"]):
         return asyncio.run(run())
 
 

@@ -4,6 +4,8 @@ receiver, which emits Oppen's events to a real Prefect server, whose deployment 
 
 from __future__ import annotations
 
+from tests.prefect_api import prefect_api
+
 import asyncio
 import json
 import os
@@ -53,13 +55,12 @@ class Lifecycle:
 
     def prefect(self, call):
         from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
 
         async def run():
             async with get_client() as client:
                 return await call(client)
 
-        with temporary_settings({PREFECT_API_URL: self.stack.api_url}):
+        with prefect_api(self.stack.api_url):
             return asyncio.run(run())
 
     def events(self, name: str, model: str) -> list:
@@ -109,7 +110,6 @@ class Lifecycle:
 def lifecycle(tmp_path_factory):
     from cryptography.fernet import Fernet
     from prefect.blocks.system import Secret
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from oppen.mlflow_webhook_receiver import SECRET_BLOCK
 
@@ -132,7 +132,7 @@ def lifecycle(tmp_path_factory):
         stack.start_server()
         wait_http(f"{mlflow_uri}/health", 120, mlflow, stack.root / "mlflow.log")
         # The receiver reads its secret from the Prefect Secret block; `register` from the setting.
-        with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        with prefect_api(stack.api_url):
             Secret(value=SECRET).save(SECRET_BLOCK)
         receiver = spawn(stack, "receiver", [sys.executable, "-m", "oppen.mlflow_webhook_receiver", "serve",
                                              "--port", str(receiver_port)], stack.env)
@@ -221,7 +221,6 @@ def test_a_forged_delivery_is_refused_and_emits_nothing(lifecycle):
 def test_a_version_given_development_in_mlflow_is_promoted_by_the_trigger(deployed):
     from oppen.mlflow_webhook_receiver import emit_to_prefect
     from oppen.mlflow_webhooks import PrefectEventSpec
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     tags = {METRIC_TAG: "test_accuracy", VALUE_TAG: "0.97", DIRECTION_TAG: "true"}
     version, _, started = deployed.register_version("wh-e2e", tags)
@@ -229,7 +228,7 @@ def test_a_version_given_development_in_mlflow_is_promoted_by_the_trigger(deploy
     # The training flow reports the same move under the same id: Prefect keeps one, the trigger fires once.
     duplicate = PrefectEventSpec(event=event.event, resource=dict(event.resource), payload={**event.payload,
                                  "source": "train-mnist"}, id=event.id, occurred=event.occurred)
-    with temporary_settings({PREFECT_API_URL: deployed.stack.api_url}):
+    with prefect_api(deployed.stack.api_url):
         asyncio.run(emit_to_prefect([duplicate]))
 
     def created_run():
