@@ -16,6 +16,16 @@ from oppen.local_stack import PROJECT_DIR, free_port, prefect_server_argv, wait_
 BIN = Path(sys.executable).parent
 
 
+def poll_until(predicate, timeout: float, interval: float = 0.2):
+    """`predicate()`'s first truthy value within `timeout` seconds, else its last (falsy) one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
 class PrefectStack:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -91,13 +101,10 @@ class PrefectStack:
         """Poll until `predicate()` gives something truthy; fail the test with the worker's log if it never does."""
         import pytest
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.2)
-        pytest.fail(f"timed out waiting for {what}\n{self.log('worker')}")
+        value = poll_until(predicate, timeout)
+        if not value:
+            pytest.fail(f"timed out waiting for {what}\n{self.log('worker')}")
+        return value
 
     def final_state(self, flow_run_id: str, timeout: float = 300):
         def final():

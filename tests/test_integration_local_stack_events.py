@@ -6,6 +6,7 @@ MLflow directly (as a user in its UI would) is promoted to `staging` by promote-
 from __future__ import annotations
 
 from tests.prefect_api import prefect_api
+from tests.stack import poll_until
 
 import asyncio
 import os
@@ -82,12 +83,9 @@ def _prefect(stack: LocalStack, call):
 
 
 def _wait_for(predicate, timeout: float, what: str, stack: LocalStack):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
+    value = poll_until(predicate, timeout, interval=0.5)
+    if value:
+        return value
     logs = "\n".join(f"--- {name}.log\n{(stack.logs / f'{name}.log').read_text(errors='replace')[-3000:]}"
                      for name in ("receiver", "worker", "mlflow"))
     pytest.fail(f"timed out waiting for {what}\n{logs}")
