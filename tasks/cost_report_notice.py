@@ -20,4 +20,4 @@ def post_report(report, title: str, period: str, team: str | None) -> None:
     events = RunEventContext(flow_run_id=flow_run.get_id(), team=team or "all", experiment="cost-report",
                              workload="cost-report", flow_run_name=flow_run.get_name(), links=links)
     delivery = notify_slack(message, team, on_failure=lambda failed: record_failure(events, failed, "cost-report"))
-    get_run_logger().info("cost report to Slack: %s", getattr(delivery, "status", delivery))
+    get_run_logger().info("cost report to Slack: %s", delivery.status)
