@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 
 from flows.train_mnist import train_mnist
 from tests.slack_server import FakeSlack, hang, server_error
+from tests.stack import poll_until
 from training.config import RunConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -35,12 +36,8 @@ def slack(in_process, monkeypatch):
 def _events(stack, name: str, flow_run_id: str, timeout: float = 30.0) -> list[dict]:
     """Events of `name` on this run, once the server has persisted them (it writes in batches)."""
     body = {"filter": {"event": {"name": [name]}, "any_resource": {"id": [f"oppen.run.{flow_run_id}"]}}, "limit": 50}
-    deadline = time.monotonic() + timeout
-    while True:
-        found = httpx.post(f"{stack.api_url}/events/filter", json=body, timeout=10).json()["events"]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
+    return poll_until(lambda: httpx.post(f"{stack.api_url}/events/filter", json=body, timeout=10).json()["events"],
+                      timeout, interval=0.5)
 
 
 def _logs(stack, flow_run_id: str, expect: str, timeout: float = 30.0) -> str:
@@ -52,12 +49,14 @@ def _logs(stack, flow_run_id: str, expect: str, timeout: float = 30.0) -> str:
         async with get_client() as client:
             return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run_id)])))
 
-    deadline = time.monotonic() + timeout
-    while True:
-        text = "\n".join(log.message for log in asyncio.run(read()))
-        if expect in text or time.monotonic() > deadline:
-            return text
-        time.sleep(0.5)
+    texts = []
+
+    def arrived() -> bool:
+        texts.append("\n".join(log.message for log in asyncio.run(read())))
+        return expect in texts[-1]
+
+    poll_until(arrived, timeout, interval=0.5)
+    return texts[-1]
 
 
 def _blocks_text(message: dict) -> str:
