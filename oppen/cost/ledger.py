@@ -10,7 +10,9 @@ transaction. Hence:
 - a settle applies at most once per attempt: a repeated or retried settle of the same attempt
   returns what was recorded and changes nothing;
 - an attempt that never settled is charged its hold when the hold expires, and a late settle
-  replaces that expiry charge with the real cost instead of adding to it.
+  replaces that expiry charge with the real cost instead of adding to it;
+- a queued run's hold (oppen.cost.queue_holds) counts until its first reservation takes it over,
+  in the same transaction, so the run is never counted twice and never charged for waiting.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from sqlalchemy import and_, case, create_engine, delete, event, func, insert, o
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from oppen.cost.ledger_schema import attempts, charges, metadata, runs, team_budgets, teams
+from oppen.cost import queue_holds as queued
+from oppen.cost.ledger_schema import attempts, charges, metadata, queue_holds, runs, team_budgets, teams
 from oppen.cost.money import Micros, format_usd, to_micros, to_usd
 from oppen.errors import RequestError
 
@@ -283,6 +286,7 @@ class Ledger:
                 again = c.execute(select(attempts).where(attempts.c.id == attempt_id)).first()
                 if again is not None:
                     return self._reservation_of(c, run, again)
+            queued.adopt(c, run_key, now)  # its queue hold ends here, before the budgets are read
             prior = self._run_spent(c, run.id) + self._run_held(c, run.id) if run is not None else 0
             cap = _tighter(run.cap_micros if run is not None else None, cap_micros)
             hold, reason = hold_micros, None
@@ -332,6 +336,7 @@ class Ledger:
         now = _utc(now)
         with self.transaction() as c:
             self._lock_team(c, team)
+            queued.adopt(c, run_key, now, f"the run started and was refused: {reason}")  # it holds nothing now
             run = c.execute(select(runs).where(runs.c.run_key == run_key)).first()
             if run is None:
                 run_id = str(uuid.uuid4())
@@ -440,6 +445,68 @@ class Ledger:
             c.execute(update(runs).where(runs.c.id == run_id).values(**values))
             return Settlement(attempt_id, run.run_key, status, total, spent, replayed=False,
                               replaced_expiry_micros=replaced, over_hold_micros=over)
+
+    # --- queued runs ---------------------------------------------------------------------
+
+    def hold_queued(
+        self, *, team: str, experiment: str, run_key: str, hold_micros: Micros, hold_for: timedelta,
+        quote_micros: Micros | None = None, expected_seconds: float | None = None, workload: str = "", queue: str = "",
+        now: datetime | None = None,
+    ) -> queued.QueueHold:
+        """Hold `hold_micros` for a run that waits in a queue, or refuse it (recorded with the reason).
+
+        Holding the same run again returns the first answer. A run that already reserved for itself
+        (it started before it was held) is recorded as started, holding nothing: it is never counted twice.
+        """
+        self._check_amounts(hold_micros=hold_micros, quote_micros=quote_micros)
+        now = _utc(now)
+        with self.transaction() as c:
+            self._lock_team(c, team)
+            self._expire_stale(c, now, team)
+            existing = c.execute(select(queue_holds).where(queue_holds.c.run_key == run_key)).first()
+            if existing is not None:
+                return queued.as_hold(existing)
+            started = c.execute(select(runs.c.id).where(runs.c.run_key == run_key)).first() is not None
+            uses = [] if started else list(self._uses(c, team, experiment, month_of(now), hold_micros))
+            reason = "; ".join(f"over budget: {use.describe()}" for use in uses if not use.fits) or None
+            status = queued.STARTED if started else REFUSED if reason else queued.HELD
+            c.execute(insert(queue_holds).values(
+                run_key=run_key, team=team, experiment=experiment, workload=workload, queue=queue,
+                held_micros=hold_micros if status == queued.HELD else 0, quote_micros=quote_micros,
+                expected_seconds=round(expected_seconds) if expected_seconds is not None else None,
+                status=status, reason=reason or ("the run reserved for itself first" if started else None),
+                created_at=now, expires_at=now + min(hold_for, MAX_HOLD), closed_at=None if status == queued.HELD else now,
+            ))
+            return queued.as_hold(c.execute(select(queue_holds).where(queue_holds.c.run_key == run_key)).one())
+
+    def release_queued(self, run_key: str, reason: str, now: datetime | None = None) -> queued.QueueHold | None:
+        """Cancel a queued run's hold (what it held stops counting); None when it has none. Idempotent."""
+        now = _utc(now)
+        row = self.queue_hold(run_key)
+        if row is None:
+            return None
+        with self.transaction() as c:
+            self._lock_team(c, row.team)
+            c.execute(update(queue_holds).where(queue_holds.c.run_key == run_key, queue_holds.c.status == queued.HELD)
+                      .values(status=queued.CANCELLED, held_micros=0, closed_at=now, reason=reason))
+            return queued.as_hold(c.execute(select(queue_holds).where(queue_holds.c.run_key == run_key)).one())
+
+    def queue_hold(self, run_key: str) -> queued.QueueHold | None:
+        with self.engine.connect() as c:
+            row = c.execute(select(queue_holds).where(queue_holds.c.run_key == run_key)).first()
+            return queued.as_hold(row) if row is not None else None
+
+    def queue_holds(self, *, status: str | None = queued.HELD, team: str | None = None,
+                    run_keys: list[str] | None = None) -> list[queued.QueueHold]:
+        query = select(queue_holds).order_by(queue_holds.c.created_at)
+        if run_keys is not None:
+            query = query.where(queue_holds.c.run_key.in_(run_keys))
+        if status:
+            query = query.where(queue_holds.c.status == status)
+        if team:
+            query = query.where(queue_holds.c.team == team)
+        with self.engine.connect() as c:
+            return [queued.as_hold(row) for row in c.execute(query)]
 
     def expire_stale(self, now: datetime | None = None) -> list[str]:
         """Charge every hold past its expiry (all teams); returns the attempts that expired."""
@@ -578,7 +645,7 @@ class Ledger:
                  .where(runs.c.team == team, attempts.c.status == RUNNING))
         if experiment:
             query = query.where(runs.c.experiment == experiment)
-        return _scalar_int(c, query)
+        return _scalar_int(c, query) + queued.held_micros(c, team, experiment)
 
     @staticmethod
     def _run_spent(c: Connection, run_id: str) -> Micros:
@@ -612,6 +679,7 @@ class Ledger:
         if team:
             query = query.where(runs.c.team == team)
         stale = c.execute(query).all()
+        queued.lapse_stale(c, now, team)
         reason = "held past its expiry without settling; charged its hold until a settle says otherwise"
         for row in stale:
             # Booked to the month the hold expired in: a running hold counts against every month's budget,

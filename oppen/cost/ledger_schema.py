@@ -5,9 +5,10 @@
     oppen_runs           one row per training run (its flow run id): who pays, its cap, its quote
     oppen_attempts       one row per attempt of a run (a rescheduled run has several): its hold, its cost
     oppen_charges        what an attempt cost, booked to the calendar month (UTC) it ran in
+    oppen_queue_holds    what a queued run (created, not started) holds against its budgets
 
 A run's spend is the sum of its attempts' charges; a budget's use is the sum of the charges in
-its scope (and month) plus the holds of attempts still running. Every figure is an integer
+its scope (and month) plus the holds of attempts still running and of runs still queued. Every figure is an integer
 sum, exact on SQLite and PostgreSQL alike.
 """
 
@@ -105,4 +106,24 @@ charges = Table(
     Column("kind", String(8), nullable=False),  # "usage" (metered) or "expiry" (the hold of an attempt that never settled)
     Column("booked_at", DateTime(timezone=True), nullable=False),
     PrimaryKeyConstraint("attempt_id", "month", name="oppen_charges_pk"),
+)
+
+queue_holds = Table(
+    "oppen_queue_holds",
+    metadata,
+    # A queued run holds its quote from the moment it is queued, so a queue cannot promise more than
+    # its budgets have; its first attempt's reservation takes the hold over (never charged itself).
+    Column("run_key", String(255), primary_key=True),  # the flow run id
+    Column("team", String(NAME_LENGTH), ForeignKey("oppen_teams.name"), nullable=False, index=True),
+    Column("experiment", String(EXPERIMENT_LENGTH), nullable=False),
+    Column("workload", String(63), nullable=False, default=""),
+    Column("queue", String(63), nullable=False, default=""),
+    Column("held_micros", BigInteger, nullable=False),  # counts against budgets while status is "held"
+    Column("quote_micros", BigInteger, nullable=True),  # expected cost; None: no history to quote from
+    Column("expected_seconds", BigInteger, nullable=True),  # for queue ETAs
+    Column("status", String(16), nullable=False, index=True),  # held | started | cancelled | expired
+    Column("reason", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("closed_at", DateTime(timezone=True), nullable=True),
 )
