@@ -63,3 +63,15 @@ def in_process(stack, monkeypatch):
         monkeypatch.setenv(key, stack.env[key])
     with prefect_api(stack.api_url):
         yield stack
+
+
+@pytest.fixture
+def shoestring_team(in_process):
+    """A team whose whole budget is one micro-dollar: every job of it is over budget, history or not."""
+    from oppen.api import context
+    from oppen.cost.budgets import BudgetsFile, apply_budgets
+
+    with context.ledger() as ledger:
+        apply_budgets(ledger, BudgetsFile.model_validate({"teams": {"shoestring": {
+            "budget": {"amount_usd": 0.000001, "period": "monthly"}}}}))
+    return "shoestring"

@@ -56,3 +56,8 @@ def format_usd(micros: Micros | None) -> str:
     whole, _, fraction = text.partition(".")
     fraction = fraction.rstrip("0").ljust(2, "0")
     return f"${whole}.{fraction}"
+
+
+def format_usd_amount(amount: float | None) -> str:
+    """A dollar amount that is a float (a quote, a forecast) as `format_usd` shows money; "n/a" for None."""
+    return format_usd(to_micros(amount)) if amount is not None else "n/a"
