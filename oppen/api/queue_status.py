@@ -99,8 +99,9 @@ def get_job_queue_status(pool: str | None = None) -> QueueStatus:
     """Pending runs per queue with positions and ETAs, what is running, and the total queued cost."""
     with context.prefect() as client:
         pools = [_read_pool(client, pool)] if pool else client.read_work_pools()
-        flow_runs = {p.name: (_runs(client, p.name, [StateType.SCHEDULED, StateType.PENDING]),
-                              _runs(client, p.name, [StateType.RUNNING])) for p in pools}
+        # One query for every pool and state (a few pages), split here: each request costs the server a scan.
+        found = _runs(client, [p.name for p in pools], [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING])
+        flow_runs = {p.name: _split([run for run in found if run.work_pool_name == p.name]) for p in pools}
         queues = {p.name: client.read_work_queues(work_pool_name=p.name) for p in pools}
     keys = [str(run.id) for pending, running in flow_runs.values() for run in (*pending, *running)]
     with context.ledger() as ledger:
@@ -126,8 +127,8 @@ def position_of(client: SyncPrefectClient, flow_run_id: str) -> tuple[int | None
     if flow_run.work_pool_name is None:
         return None, None
     work_pool = client.read_work_pool(flow_run.work_pool_name)
-    pending = _runs(client, work_pool.name, [StateType.SCHEDULED, StateType.PENDING])
-    running = _runs(client, work_pool.name, [StateType.RUNNING])
+    pending, running = _split(_runs(client, [work_pool.name], [StateType.SCHEDULED, StateType.PENDING,
+                                                                StateType.RUNNING]))
     keys = [str(run.id) for run in (*pending, *running)]
     with context.ledger() as ledger:
         holds = {hold.run_key: hold for hold in ledger.queue_holds(status=None, run_keys=keys)} if keys else {}
@@ -144,12 +145,20 @@ def _read_pool(client: SyncPrefectClient, name: str):
         raise NotFound(f"no work pool {name!r} on this Prefect server; `prefect work-pool ls` lists them") from None
 
 
-def _runs(client: SyncPrefectClient, pool: str, types: list[StateType]) -> list:
+def _split(runs: list) -> tuple[list, list]:
+    """(pending, running), each in expected start order."""
+    return ([run for run in runs if run.state_type != StateType.RUNNING],
+            [run for run in runs if run.state_type == StateType.RUNNING])
+
+
+def _runs(client: SyncPrefectClient, pools: list[str], types: list[StateType]) -> list:
+    if not pools:
+        return []
     found, offset = [], 0
     while offset < MOST_RUNS:
         page = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=types))),
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=pools)),
             sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=PAGE, offset=offset,
         )
         found += page
