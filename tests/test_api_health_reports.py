@@ -6,8 +6,9 @@ reports are then checked against the ledger it settled into, to the micro-dollar
 
 from __future__ import annotations
 
+import math
 import uuid
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 from mlflow import MlflowClient
@@ -18,12 +19,19 @@ from oppen import events
 from oppen.api.errors import InvalidInput, NotFound
 from oppen.api.health import get_training_health_status
 from oppen.api.recommendations import RecommendationOut, recommend_cost_optimization
+from oppen.api import reports
 from oppen.api.reports import check_training_quota, generate_cost_report, get_resource_utilization_report
 from oppen.cost.ledger import Ledger, month_of, utcnow
+from oppen.cost.report import build_frame
 from oppen.settings import load_settings
 from tests.stack import poll_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def integration(test):
+    """Goes through the session's real Prefect server, worker and MLflow."""
+    return pytest.mark.slow(pytest.mark.integration(test))
+
 
 TINY_RUN = {"epochs": 1, "max_steps": 30}
 
@@ -36,6 +44,7 @@ def _local_worker_online(status) -> bool:
     return any(pool.name == "local" and pool.online_workers for pool in status.pools)
 
 
+@integration
 def test_health_is_healthy_with_the_stack_worker_online(in_process):
     def ready():
         status = get_training_health_status()
@@ -52,6 +61,7 @@ def test_health_is_healthy_with_the_stack_worker_online(in_process):
     assert status.problems == [] and status.late_runs == []
 
 
+@integration
 def test_health_reports_an_unreachable_ledger_without_raising(in_process, monkeypatch):
     from tests.ledger_stress_worker import closed_port_uri
 
@@ -65,6 +75,7 @@ def test_health_reports_an_unreachable_ledger_without_raising(in_process, monkey
     assert not status.healthy and any(problem.startswith("ledger is down") for problem in status.problems)
 
 
+@integration
 def test_health_reports_an_unreachable_prefect_and_mlflow_without_raising(in_process, monkeypatch):
     from tests.ledger_stress_worker import closed_port_uri
 
@@ -78,6 +89,7 @@ def test_health_reports_an_unreachable_prefect_and_mlflow_without_raising(in_pro
     assert not status.healthy and status.pools == [] and len(status.problems) == 2
 
 
+@integration
 def test_an_alert_event_shows_up_newest_first_with_its_figures(in_process):
     flow_run_id = str(uuid.uuid4())
     context = events.RunEventContext(flow_run_id=flow_run_id, team="default", experiment="mnist", workload="mnist")
@@ -97,6 +109,7 @@ def test_an_alert_event_shows_up_newest_first_with_its_figures(in_process):
     assert status.healthy  # an alert needs a person; it does not stop training
 
 
+@integration
 def test_bad_inputs_are_one_sentence_errors(in_process):
     with pytest.raises(InvalidInput, match="failures_since_h"):
         get_training_health_status(failures_since_h=float("nan"))
@@ -126,6 +139,7 @@ def _ledger() -> Ledger:
     return Ledger(load_settings().ledger)
 
 
+@integration
 def test_the_cost_report_matches_the_ledger_to_the_micro_dollar(in_process, trained):
     ledger = _ledger()
     try:
@@ -146,6 +160,26 @@ def test_the_cost_report_matches_the_ledger_to_the_micro_dollar(in_process, trai
     assert {budget.experiment for budget in only_mnist.budgets} == {None, "mnist"}
 
 
+@integration
+def test_the_reports_cost_per_point_is_the_one_the_run_logged_to_mlflow(in_process, trained):
+    ledger = _ledger()
+    try:
+        rows = ledger.rows(team="default", experiment="mnist")
+    finally:
+        ledger.dispose()
+    (row,) = [row for row in rows if row["run_key"] == trained]
+    logged = MlflowClient(in_process.tracking_uri).get_run(row["mlflow_run_id"]).data.metrics["cost_per_point_usd"]
+    metric, _, per_point = reports.ledger_quality(row)  # from the ledger alone: not None, MLflow is not asked
+    assert metric == "test_accuracy" and math.isclose(per_point, logged, rel_tol=1e-9)
+    # The scope's mean is the one the MLflow lookup (the cost-report flow's source) gives, run for run.
+    from_mlflow = build_frame(rows, reports.quality_of(MlflowClient(in_process.tracking_uri),
+                                                       [r["mlflow_run_id"] for r in rows]))
+    report = generate_cost_report(None, None, team="default", experiment="mnist")
+    (mnist,) = report.by_scope
+    assert math.isclose(mnist.mean_cost_per_point_usd, from_mlflow["cost_per_point_usd"].mean(), rel_tol=1e-9)
+
+
+@integration
 def test_the_utilization_report_lists_the_run_with_its_idle_money(in_process, trained):
     report = get_resource_utilization_report(team="default")
     (run,) = [run for run in report.runs if run.flow_run_id == trained]
@@ -163,6 +197,7 @@ def test_the_utilization_report_lists_the_run_with_its_idle_money(in_process, tr
     assert run.cost_micros == row["spent_micros"] and run.mlflow_run_id == row["mlflow_run_id"]
 
 
+@integration
 def test_the_quota_reflects_the_spend(in_process, trained):
     quota = check_training_quota("default")
     ledger = _ledger()
@@ -178,6 +213,7 @@ def test_the_quota_reflects_the_spend(in_process, trained):
     assert quota.tightest is not None
 
 
+@integration
 def test_recommendations_for_the_run_by_either_id_and_not_found_for_unknown_ones(in_process, trained):
     client = MlflowClient(in_process.tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -194,7 +230,56 @@ def test_recommendations_for_the_run_by_either_id_and_not_found_for_unknown_ones
         recommend_cost_optimization(str(uuid.uuid4()))
 
 
+@integration
 def test_health_after_the_run_is_still_healthy_with_no_failures(in_process, trained):
     status = get_training_health_status()
     assert status.healthy, status.problems
     assert trained not in {failure.flow_run_id for failure in status.failures}
+
+
+# --- without a server: the cost report prices runs from the ledger's settlement detail ----------------
+
+
+class NoMlflow:
+    def __getattr__(self, name):
+        raise AssertionError(f"MLflow was asked ({name}) for a run the ledger can price")
+
+
+def _settled_run(ledger: Ledger, micros: int, detail: dict | None, when: datetime) -> str:
+    run_key, mlflow_run_id = str(uuid.uuid4()), uuid.uuid4().hex
+    attempt = f"{run_key}:1"
+    ledger.reserve(team="default", experiment="mnist", run_key=run_key, attempt_id=attempt, quote_micros=micros,
+                   hold_micros=2 * micros, hold_for=timedelta(hours=1), workload="mnist",
+                   mlflow_run_id=mlflow_run_id, now=when)
+    ledger.settle(attempt, charges_by_month={month_of(when): micros}, mlflow_run_id=mlflow_run_id,
+                  detail=detail, now=when + timedelta(minutes=5))
+    return mlflow_run_id
+
+
+def test_the_cost_report_needs_no_mlflow_for_runs_settled_with_their_metric(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPPEN_HOME", str(tmp_path))
+    monkeypatch.delenv("OPPEN_LEDGER_URL", raising=False)
+    monkeypatch.delenv("OPPEN_BUDGETS_FILE", raising=False)
+    monkeypatch.setattr(reports.context, "mlflow", lambda *args: NoMlflow())
+    start = datetime(2026, 3, 2, 9, tzinfo=timezone.utc)
+    with reports.context.ledger() as ledger:
+        settled = [(123_457, 0.91), (150_001, 0.92), (200_003, 0.935)]  # dearer points each run: degrading
+        for hour, (micros, accuracy) in enumerate(settled):
+            _settled_run(ledger, micros, {"gpu_hours": 0.0, "cpu_hours": 0.01, "metric": "test_accuracy",
+                                          "value": accuracy, "attempt": 1}, start + timedelta(hours=hour))
+        _settled_run(ledger, 50_000, {"gpu_hours": 0.0, "cpu_hours": 0.01, "metric": None, "value": None,
+                                      "attempt": 1}, start + timedelta(hours=4))  # failed before its test pass
+        report = reports.generate_cost_report(date(2026, 3, 2), date(2026, 3, 2), team="default")
+        (mnist,) = report.by_scope
+        assert report.runs == mnist.runs == 4 and report.total_micros == 123_457 + 150_001 + 200_003 + 50_000
+        # As settlement works it out: the run's total in dollars over the accuracy's percentage points.
+        expected = [micros / 1e6 / (accuracy * 100) for micros, accuracy in settled]
+        assert math.isclose(mnist.mean_cost_per_point_usd, sum(expected) / 3, rel_tol=1e-12)
+        assert report.trend == "degrading"
+
+        # A run booked by an older version (no metric in its detail) is the only one MLflow is asked about.
+        older = _settled_run(ledger, 80_000, None, start + timedelta(hours=5))
+        asked = []
+        monkeypatch.setattr(reports, "quality_of", lambda client, run_ids: asked.extend(run_ids) or {})
+        reports.generate_cost_report(date(2026, 3, 2), date(2026, 3, 2), team="default")
+        assert asked == [older]
