@@ -75,3 +75,17 @@ def shoestring_team(in_process):
         apply_budgets(ledger, BudgetsFile.model_validate({"teams": {"shoestring": {
             "budget": {"amount_usd": 0.000001, "period": "monthly"}}}}))
     return "shoestring"
+
+
+@pytest.fixture
+def paused_background(in_process):
+    """The local pool's background queue, paused: what is queued there waits (resumed afterwards)."""
+    from oppen.api import context
+
+    with context.prefect() as client:
+        queue = client.read_work_queue_by_name("background", work_pool_name="local")
+        client.update_work_queue(queue.id, is_paused=True)
+        try:
+            yield queue
+        finally:
+            client.update_work_queue(queue.id, is_paused=False)

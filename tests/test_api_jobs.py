@@ -14,16 +14,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 TINY = {"epochs": 1, "max_steps": 20, "batch_size": 64}
 
 
-@pytest.fixture
-def paused_background(in_process):
-    """The local pool's background queue, paused: what is queued there waits."""
-    with context.prefect() as client:
-        queue = client.read_work_queue_by_name("background", work_pool_name="local")
-        client.update_work_queue(queue.id, is_paused=True)
-        try:
-            yield queue
-        finally:
-            client.update_work_queue(queue.id, is_paused=False)
 
 
 def _flow_run_count() -> int:

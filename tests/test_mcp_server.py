@@ -36,15 +36,6 @@ def _call(name: str, arguments: dict):
     return lambda client: client.call_tool(name, arguments)
 
 
-@pytest.fixture
-def paused_background(in_process):
-    with context.prefect() as client:
-        queue = client.read_work_queue_by_name("background", work_pool_name="local")
-        client.update_work_queue(queue.id, is_paused=True)
-        try:
-            yield
-        finally:
-            client.update_work_queue(queue.id, is_paused=False)
 
 
 def test_tools_are_listed_with_schemas_and_hints(in_process):
@@ -78,6 +69,9 @@ def test_trigger_forecast_queue_and_cancel_over_stdio(in_process, paused_backgro
                                              "cost": {"max_cost_usd": 0.5}}, "priority": "background"}),
     ]))
     assert not forecast.is_error, forecast.content
+    predicted = forecast.structured_content
+    assert predicted["flow_run_id"] == flow_run_id and predicted["remaining_epochs"] == 1
+    assert predicted["additional_usd"] > 0 and predicted["forecast_usd"] > predicted["accrued_usd"]
     assert not queued.is_error, queued.content
     queued_id, held = queued.structured_content["flow_run_id"], queued.structured_content["held_micros"]
     assert held > 0
