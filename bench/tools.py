@@ -523,7 +523,8 @@ def main() -> int:
             results.append((tool, timings, error))
             print(f"  {tool.name}: " + (error or f"p95 {nearest_rank(timings, 0.95):.1f} ms"), flush=True)
         walls = cold_starts(stack.env, args.cold_runs)
-        print(report(results, walls, args, len(history.planned), len(history.of("completed", "failed", "cancelled"))),
+        print(report(results, walls, args, len(history.planned) + 1,  # the batch's parent too
+                     len(history.of("completed", "failed", "cancelled"))),
               flush=True)
         for tool, _, error in results:
             if tool.name in args.profile.split(",") and not error:
