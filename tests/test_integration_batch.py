@@ -151,17 +151,22 @@ def test_a_killed_batch_resumes_without_running_its_completed_jobs_again(in_proc
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_failed_job_stops_a_sequential_batch_and_not_a_parallel_one(in_process):
-    unpaid = BatchJob(deployment="train-mnist/local", name="unpaid", parameters={
-        "run": {"epochs": 1, "max_steps": 5}, "cost": {"team": "nobody-pays"}, "experiment": EXPERIMENT + "-failing"})
+    # An unknown team is refused when the batch is submitted (its jobs are quoted up front) ...
+    with pytest.raises(NotFound, match="unknown team 'nobody-pays'"):
+        submit_batch_training([BatchJob(deployment="train-mnist/local", parameters={"cost": {"team": "nobody-pays"}})],
+                              batch_id="nobody-pays")
+    # ... a batch larger than the data is only found by the job itself, which ends InvalidRequest.
+    too_big = BatchJob(deployment="train-mnist/local", name="too-big", parameters={
+        "run": {"epochs": 1, "max_steps": 5, "batch_size": 65536}, "experiment": EXPERIMENT + "-failing"})
 
-    sequential = submit_batch_training([unpaid, _mnist_job(7)], batch_id="stops-early")
+    sequential = submit_batch_training([too_big, _mnist_job(7)], batch_id="stops-early")
     state = in_process.final_state(sequential.flow_run_id, timeout=600)
     assert state.is_failed(), f"{state.name}: {state.message}"
     assert "0 completed, 0 skipped, 1 failed, 1 not run" in state.message and "#1 not_run -" in state.message
     status = get_batch_status("stops-early")
     assert [job.status for job in status.jobs] == ["failed", "pending"]
 
-    parallel = submit_batch_training([unpaid, _mnist_job(8)], mode="parallel", batch_id="keeps-going")
+    parallel = submit_batch_training([too_big, _mnist_job(8)], mode="parallel", batch_id="keeps-going")
     state = in_process.final_state(parallel.flow_run_id, timeout=600)
     assert state.is_failed() and "1 completed, 0 skipped, 1 failed, 0 not run" in state.message, state.message
     assert [job.status for job in get_batch_status("keeps-going").jobs] == ["failed", "completed"]
