@@ -163,7 +163,7 @@ def resolve(client: SyncPrefectClient, job: TrainingJob) -> ResolvedJob:
     merged = dict(deployment.parameters or {}) | job.overrides()
     try:
         config = workload_config(job.workload, merged.get("config") or {})
-        run = RunConfig.model_validate(merged.get("run") or {}) if "run" in merged else _default_run(job.workload)
+        run = RunConfig.model_validate(merged["run"] or {}) if "run" in merged else flow_default(job.workload, "run")
         cost = CostPolicy.model_validate(merged.get("cost") or {})
     except ValidationError as error:
         raise InvalidInput(validation_sentence(error, "job")) from None
@@ -171,7 +171,7 @@ def resolve(client: SyncPrefectClient, job: TrainingJob) -> ResolvedJob:
         check_local_resources(cost.resources, run) if deployment.work_pool_name == "local" else None
     except ValueError as error:
         raise InvalidInput(str(error)) from None
-    experiment = merged.get("experiment") or _default_experiment(job.workload)
+    experiment = merged.get("experiment") or flow_default(job.workload, "experiment")
     device = str(select_device(run.device)) if deployment.work_pool_name == "local" else _pool_device(cost)
     key = speed_key(job.workload, config.model_dump(mode="json", exclude={"data_dir"}),
                     _data_source(job.workload, config), run, cost.resources, device)
@@ -181,18 +181,15 @@ def resolve(client: SyncPrefectClient, job: TrainingJob) -> ResolvedJob:
                        experiment=experiment, speed_key=key)
 
 
-def _default_run(workload: str) -> RunConfig:
+def flow_default(workload: str, parameter: str) -> Any:
+    """A parameter's default as the workload's flow declares it (the one place it is written down)."""
+    import inspect
+
     if workload == "mnist":
-        from flows.train_mnist import MNIST_RUN
-
-        return MNIST_RUN
-    from flows.train_lm import LM_RUN
-
-    return LM_RUN
-
-
-def _default_experiment(workload: str) -> str:
-    return {"mnist": "mnist", "lm": "wikitext-lm"}[workload]
+        from flows.train_mnist import train_mnist as flow
+    else:
+        from flows.train_lm import train_lm as flow
+    return inspect.signature(flow.fn).parameters[parameter].default
 
 
 def _pool_device(cost: CostPolicy) -> str:
