@@ -293,7 +293,8 @@ def _artifact_key(batch_id: str) -> str:
     return "batch-" + re.sub(r"[^a-z0-9-]", "-", batch_id)  # artifact keys: lowercase letters, digits, dashes
 
 
-@flow(name=BATCH_FLOW, log_prints=True, validate_parameters=True)
+# Persisted: if the final state is retried, the server's copy comes back, and only a stored result survives.
+@flow(name=BATCH_FLOW, log_prints=True, validate_parameters=True, persist_result=True)
 def train_batch(request: BatchRequest) -> State:
     """Run each job through its deployment as a child flow run; a re-run of the same batch id resumes it."""
     with get_client(sync_client=True) as client:

@@ -67,7 +67,8 @@ def _announce(result: PromotionResult) -> None:
          event_id=model_event_id(MODEL_PROMOTED, result.model_name, result.version, result.target))
 
 
-@flow(name="promote-model", validate_parameters=True)
+# Persisted: if the final state is retried, the server's copy comes back, and only a stored result survives.
+@flow(name="promote-model", validate_parameters=True, persist_result=True)
 def promote_model(
     model_name: Annotated[str, Field(min_length=1)],
     target: Literal["staging", "production"] = "staging",

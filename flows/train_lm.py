@@ -20,7 +20,8 @@ from training.lm.workload import LmConfig, LmWorkload
 LM_RUN = RunConfig(epochs=1, batch_size=16, learning_rate=5e-4, log_every_steps=20)
 
 
-@flow(name="train-lm", log_prints=True, validate_parameters=True)
+# Persisted: if the final state is retried, the server's copy comes back, and only a stored result survives.
+@flow(name="train-lm", log_prints=True, validate_parameters=True, persist_result=True)
 def train_lm(
     config: LmConfig = LmConfig(),
     run: RunConfig = LM_RUN,

@@ -21,7 +21,8 @@ from training.mnist.workload import MnistConfig, MnistWorkload
 MNIST_RUN = RunConfig(epochs=2, batch_size=256, learning_rate=8e-3)
 
 
-@flow(name="train-mnist", log_prints=True, validate_parameters=True)
+# Persisted: if the final state is retried, the server's copy comes back, and only a stored result survives.
+@flow(name="train-mnist", log_prints=True, validate_parameters=True, persist_result=True)
 def train_mnist(
     config: MnistConfig = MnistConfig(),
     run: RunConfig = MNIST_RUN,

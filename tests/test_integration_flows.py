@@ -48,6 +48,29 @@ def test_lm_flow_trains_offline_and_registers(in_process, wikitext_dir):
     assert run.data.metrics["eval_perplexity"] == pytest.approx(summary.evaluation.primary_value)
 
 
+def test_a_retried_final_state_still_returns_the_summary(in_process, monkeypatch):
+    """The reply to the Completed state is lost and the client sends it again (as Prefect's client does on a
+    timeout or a dropped connection): the server rejects the duplicate and returns its own copy of the state."""
+    from prefect.client.orchestration.base import BaseClient
+
+    send_once = BaseClient.request
+    resent = []
+
+    def send_final_state_twice(self, method, path, params=None, path_params=None, **kwargs):
+        response = send_once(self, method, path, params, path_params, **kwargs)
+        if path.endswith("/set_state") and kwargs.get("json", {}).get("state", {}).get("type") == "COMPLETED":
+            resent.append(response.json()["status"])
+            response = send_once(self, method, path, params, path_params, **kwargs)
+            resent.append(response.json()["status"])
+        return response
+
+    monkeypatch.setattr(BaseClient, "request", send_final_state_twice)
+    summary = train_mnist(run=RunConfig(epochs=1, batch_size=128, learning_rate=5e-3, max_steps=4),
+                          experiment="retried-final-state", min_test_accuracy=0.0)
+    assert resent == ["ACCEPT", "REJECT"]  # the duplicate really was refused, and the server's copy came back
+    assert summary.train.steps == 4 and summary.cost is not None
+
+
 def _register(name: str, accuracy: float) -> int:
     settings = load_settings()
     client = client_for(settings)

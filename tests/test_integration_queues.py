@@ -29,10 +29,13 @@ def test_urgent_run_starts_next_and_the_pool_limit_holds(stack, tmp_path):
             runs = {}
             for i in range(4):  # fill background before any worker polls
                 label = f"background-{i}"
-                runs[label] = (await submit(client, deployments["background"], records, label, 1.5), "background")
+                # Long enough that the urgent run is queued while the first still holds the pool's one slot,
+                # however slowly this machine reads the runs back (1.5 s was not, under CI's load).
+                runs[label] = (await submit(client, deployments["background"], records, label, 5.0), "background")
             stack.spawn("probe-worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"])
             deadline = time.monotonic() + 120
-            while not [r for r in [await client.read_flow_run(i) for i, _ in runs.values()] if r.state.is_running()]:
+            # Claimed (Pending) is the earliest sign the worker took one; the urgent run goes in right then.
+            while all(r.state.is_scheduled() for r in [await client.read_flow_run(i) for i, _ in runs.values()]):
                 assert time.monotonic() < deadline, stack.log("probe-worker")
                 await asyncio.sleep(0.2)
             runs["urgent"] = (await submit(client, deployments["urgent"], records, "urgent", 0.2), "urgent")
