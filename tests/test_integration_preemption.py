@@ -61,8 +61,11 @@ def _state_names(stack, flow_run_id: str) -> list[str]:
         return asyncio.run(read())
 
 
-def _preempt_mid_epoch(stack, flow_run_id: str, at_least: int = EVERY * 2, steps: int = RUN["max_steps"]) -> int:
-    """SIGTERM to the flow run's process once it checkpointed mid-epoch; returns the checkpoint's step."""
+def _preempt_mid_epoch(stack, flow_run_id: str, at_least: int = EVERY * 2, steps: int = RUN["max_steps"],
+                      below: int | None = None) -> int:
+    """SIGTERM to the flow run's process once it checkpointed mid-epoch (at `at_least` or later, before
+    `below` when given); returns the checkpoint's step."""
+    below = steps - EVERY if below is None else below
     checkpoint = stack.root / "oppen" / "checkpoints" / "mnist" / flow_run_id / "last.pt"
 
     def mid_epoch_checkpoint():
@@ -72,7 +75,7 @@ def _preempt_mid_epoch(stack, flow_run_id: str, at_least: int = EVERY * 2, steps
             step = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
         except Exception:  # being replaced right now
             return None
-        return step if at_least <= step < steps - EVERY else None
+        return step if at_least <= step < below else None
 
     saved_step = stack.wait_for(mid_epoch_checkpoint, 240, "a mid-epoch checkpoint")
     supervisor = stack.wait_for(lambda: _supervisor_of(flow_run_id), 30, "the flow-run process")
@@ -129,7 +132,10 @@ def test_sigterm_reschedules_and_the_run_resumes_from_its_checkpoint(stack):
 
 def test_a_rescheduled_run_with_a_cap_stops_at_the_cap_summed_over_its_attempts(stack):
     """Attempt 2 may spend only what attempt 1 left of the cap: it resumes, then stops at the cap."""
-    run = RUN | {"max_steps": 400}  # long enough that the tail kept in reserve is a small part of the cost
+    # Long enough that loading and the tail kept in reserve are a small part of the cost: attempt 2 must find
+    # enough of the cap left to load again and end well (else it is refused before loading, rightly), and
+    # too little to finish. 400 steps (~4 s of training) left that to where the SIGTERM happened to land.
+    run = RUN | {"epochs": 2, "max_steps": 800}
     for _ in range(2):  # the second is quoted from the first's history, as the capped run's attempts will be
         reference_id = _start(stack, run=run)
         reference = stack.final_state(reference_id)
@@ -141,7 +147,9 @@ def test_a_rescheduled_run_with_a_cap_stops_at_the_cap_summed_over_its_attempts(
         # reserve, well short of paying for a second loading and the second half too.
         cap_micros = int(0.9 * full)
         flow_run_id = _start(stack, run=run, cost={"max_cost_usd": cap_micros / 1e6})
-        _preempt_mid_epoch(stack, flow_run_id, at_least=run["max_steps"] // 2, steps=run["max_steps"])
+        # In the first half: attempt 1 leaves about half the training and 0.4x of it spare in the cap.
+        _preempt_mid_epoch(stack, flow_run_id, at_least=run["max_steps"] // 4, steps=run["max_steps"],
+                           below=run["max_steps"] // 2)
         final = stack.final_state(flow_run_id)
         assert final.is_completed(), f"{final.name}: {final.message}\n{stack.log('worker')}"
         [row] = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
@@ -150,7 +158,7 @@ def test_a_rescheduled_run_with_a_cap_stops_at_the_cap_summed_over_its_attempts(
         ledger.dispose()
     assert (first["status"], second["status"]) == ("preempted", "stopped")
     # The whole run, both attempts, stays under the one cap; without the carry-over attempt 2 would have had
-    # the full cap again, and finished all 400 steps at about 1.15x the cap (a second loading, half the run).
+    # the full cap again, and finished all 800 steps (a second loading and over half the run again).
     assert row["cap_micros"] == cap_micros and row["spent_micros"] == first["cost_micros"] + second["cost_micros"]
     assert row["spent_micros"] <= cap_micros
     mlflow = MlflowClient(tracking_uri=stack.tracking_uri)
