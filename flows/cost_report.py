@@ -11,6 +11,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from oppen import tracking_keys as keys
+from oppen.display import usd
 from oppen.cost.budgets import open_ledger
 from oppen.cost.policy import NAME_PATTERN
 from oppen.cost.report import build_frame, markdown_table, summarize, trend
@@ -74,9 +76,9 @@ def collect(settings: OppenSettings, request: ReportRequest):
             if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             continue  # the MLflow run was deleted (or its store reset): the ledger's money still counts
-        for key in ("test_accuracy", "eval_perplexity"):
-            if key in metrics:
-                quality[run_id] = (key, metrics[key], metrics.get("cost_per_point_usd"))
+        for name in ("test_accuracy", "eval_perplexity"):
+            if keys.metric_key(name) in metrics:
+                quality[run_id] = (name, metrics[keys.metric_key(name)], metrics.get(keys.COST_PER_POINT))
                 break
     return build_frame(rows, quality)
 
@@ -99,15 +101,15 @@ def cost_report(request: ReportRequest = ReportRequest(), post_to_slack: bool = 
     lines = [
         f"# Cost report: {scope}, {since:%Y-%m-%d} to {until - timedelta(days=1):%Y-%m-%d}",
         "",
-        f"**{len(frame)} runs, ${total:,.6f}**. Cost per quality point is **{direction}**"
+        f"**{len(frame)} runs, {usd(total)}**. Cost per quality point is **{direction}**"
         + (f" ({slope:+.1%} per run)." if slope is not None else "."),
         "",
         markdown_table(totals) if not totals.empty else "(no spend in range)",
         "",
         f"CSV: `{csv_path}`",
     ]
-    create_markdown_artifact("\n".join(lines), key="cost-report", description=f"cost report {scope}")
-    get_run_logger().info("%d runs, $%.6f, trend %s; CSV at %s", len(frame), total, direction, csv_path)
+    create_markdown_artifact("\n".join(lines), key="cost-report", description=f"{usd(total)}: cost report {scope}")
+    get_run_logger().info("%d runs, %s, trend %s; CSV at %s", len(frame), usd(total), direction, csv_path)
     report = CostReport(runs=len(frame), total_usd=total, trend=direction, trend_slope=slope, csv_path=str(csv_path),
                         by_scope=totals.to_dict(orient="records"))
     if post_to_slack:

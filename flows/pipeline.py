@@ -24,10 +24,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from prefect import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
+from oppen import tracking_keys as keys
 from oppen.cost.budgets import open_ledger
 from oppen.cost.ledger import Ledger
 from oppen.cost.policy import CostPolicy
@@ -46,9 +48,10 @@ from tasks.cost_tasks import (
     announce_reservation,
     check_local_resources,
     precheck_budget,
-    quote_metrics,
+    quote_params,
     quote_run,
 )
+from tasks.failures import failure_line, logged_by_a_task
 from tasks.gpu_slots import GpuSlots
 from tasks.mlflow_tasks import TrackingInfo, TrackingRun, register_if_good
 from tasks.off_peak import defer_to_off_peak
@@ -56,7 +59,8 @@ from tasks.registry import RegisteredVersion
 from tasks.run_budget import open_run_budget
 from tasks.run_events import announce_registration, link_mlflow_run, report_utilization, run_event_context
 from tasks.run_notice import notify_run
-from tasks.summary import TrainingSummary, publish_summary
+from tasks.run_story import StoryCallback, story_logger
+from tasks.summary import TrainingSummary, publish_summary, state_message
 from tasks.training_tasks import evaluate_model, log_model, train_model
 from training.config import RunConfig
 from training.errors import DataUnavailable, TrainingRequestError
@@ -130,7 +134,9 @@ def _run(settings: OppenSettings, request: TrainingRequest, events: RunEventCont
         return Failed(name="InvalidRequest", message=_sentence(error))
     except (LedgerUnavailable, DataUnavailable) as error:  # an outage, after retries; nothing was spent
         return Failed(name=type(error).__name__, message=str(error))
-    summary = publish_summary(_summary(request, attempt, run_key, time.perf_counter() - started))
+    except Exception as error:  # unexpected: the money and the MLflow run were closed by their owners already
+        return _failed(error)
+    summary = publish_summary(settings, _summary(request, attempt, run_key, time.perf_counter() - started))
     return _final_state(summary, attempt.settled)
 
 
@@ -163,15 +169,15 @@ def run_attempt(settings: OppenSettings, ledger: Ledger, book: PriceBook, reques
         quote = quote_run(book, workload, run, cost, history, time.monotonic() - slots.acquired_at)
         _reserve(budget, quote, request, events)
         tracking.open({"config": plan.config.model_dump(mode="json"), "run": run.model_dump(mode="json"),
-                       "cost": cost.model_dump(mode="json")})
+                       "cost": cost.model_dump(mode="json"), **quote_params(quote, book)})
         budget.mlflow_run_id = tracking.run_id
         link_mlflow_run(events, tracking.info)
-        tracking.log(quote_metrics(quote), 0)
         sampler, spot = UtilizationSampler(), _spot_simulator(book, cost)
-        trained = train_model(workload, run, checkpoint_dir, tracking, extra_callbacks=[budget.meter, sampler],
+        story = StoryCallback(story_logger(), budget.meter)  # after the meter: it reads the epoch's forecast
+        trained = train_model(workload, run, checkpoint_dir, tracking, extra_callbacks=[budget.meter, story, sampler],
                               spot=spot)
         evaluation = evaluate_model(workload, trained, run, tracking)
-        model_uri = log_model(workload, trained, settings, tracking.run_id)
+        model_uri = log_model(workload, trained, settings, tracking.run_id, request.model_name)
         slots.release()  # the GPUs are free once the model is saved
         registered = register_if_good(settings, request.model_name, model_uri, evaluation, request.threshold,
                                       DEVELOPMENT_ALIAS)
@@ -236,19 +242,20 @@ def _speed_metrics(budget: RunBudget, quote: Quote, trained: Trained, spot: Spot
     warm_up = loop_seconds - samples * per_sample
     meter.tick()
     return {
-        "cost_seconds_per_sample": per_sample,
-        "cost_epoch_overhead_s": sorted(overheads)[len(overheads) // 2],
+        keys.SECONDS_PER_SAMPLE: per_sample,
+        keys.EPOCH_OVERHEAD_SECONDS: sorted(overheads)[len(overheads) // 2],
         # Loading and quoting (without a calibration's steady part: a run quoted from history skips it), plus
         # the first epoch's warm-up.
-        "cost_fixed_overhead_s": max(0.0, (meter.seconds_at_train_start or 0.0) - quote.calibration_seconds) + warm_up,
+        keys.FIXED_OVERHEAD_SECONDS: max(0.0, (meter.seconds_at_train_start or 0.0) - quote.calibration_seconds)
+        + warm_up,
         # Measured up to here (registration included); the cost publishing that follows is ~constant.
-        "cost_tail_s": max(0.0, meter.totals.seconds - (meter.seconds_at_train_end or meter.totals.seconds)),
+        keys.TAIL_SECONDS: max(0.0, meter.totals.seconds - (meter.seconds_at_train_end or meter.totals.seconds)),
     }
 
 
 def _summary(request: TrainingRequest, attempt: Attempt, run_key: str, seconds: float) -> TrainingSummary:
     return TrainingSummary(
-        workload=request.plan.name, flow_run_id=run_key, experiment=request.experiment,
+        workload=request.plan.name, flow_run_id=run_key, flow_run_name=flow_run.get_name(), experiment=request.experiment,
         mlflow_run_id=attempt.tracking.run_id, mlflow_run_url=attempt.tracking.run_url, model_uri=attempt.model_uri,
         train=attempt.trained.result, evaluation=attempt.evaluation, registered=attempt.registered,
         duration_seconds=seconds, cost=attempt.settled.cost if attempt.settled else None,
@@ -258,17 +265,18 @@ def _summary(request: TrainingRequest, attempt: Attempt, run_key: str, seconds: 
 
 def _final_state(summary: TrainingSummary, settled: SettledCost | None) -> State:
     """Completed, with the cost in its message; `SettlementPending` when the ledger has not booked it yet."""
-    evaluation = summary.evaluation
-    metric = f"{evaluation.primary_metric} {evaluation.primary_value:.4f}"
-    if settled is None:
-        return Completed(message=metric, data=summary)
-    cost = settled.cost
-    cap = f" of ${cost.cap_usd:.6f} cap" if cost.cap_usd is not None else ""
-    stopped = " (stopped at its cap)" if cost.status == "stopped" else ""
-    message = f"${cost.cost_usd:.6f}{cap}{stopped} · {metric}"
-    if settled.pending:
+    message = state_message(summary)
+    if settled is not None and settled.pending:
         return Completed(name="SettlementPending", message=f"{message} · {settled.pending_reason}", data=summary)
     return Completed(message=message, data=summary)
+
+
+def _failed(error: Exception) -> State:
+    """One line first (logged and as the state's message), one traceback at most (see tasks/failures.py)."""
+    line = failure_line(error)
+    get_run_logger().error("%s", line, exc_info=None if logged_by_a_task(error) else error)
+    return Failed(message=f"{line}. What the run recorded before failing (its cost, its MLflow run and metrics) "
+                          "is kept.", data=error)
 
 
 def _sentence(error: BaseException) -> str:

@@ -4,7 +4,7 @@ receiver (a version registered or aliased in MLflow, by a flow or by hand in its
 event, and promote-model's trigger runs on it) and the automations of automations.yaml.
 
     python -m oppen.local_stack up      # start everything (idempotent: reuses what is running)
-    python -m oppen.local_stack demo    # up, then run train-mnist/local --watch and print a summary
+    python -m oppen.local_stack demo    # up, then run train-mnist/local, follow its story, print its summary
     python -m oppen.local_stack status
     python -m oppen.local_stack down    # stop what `up` started
     eval "$(python -m oppen.local_stack env)"   # point this shell's prefect/mlflow CLIs at the stack
@@ -16,9 +16,9 @@ HMAC secret and MLflow's key for stored webhook secrets are made once, in $OPPEN
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import re
 import secrets
 import signal
 import socket
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -348,22 +349,19 @@ class LocalStack:
             if "receiver" in state["ports"]:
                 print(f"MLflow webhook receiver: {self.receiver_url()}")
 
-    def run_deployment(self, name: str, params: list[str]) -> str:
-        """`prefect deployment run NAME --watch`, streamed; returns the flow run id."""
-        argv = [_bin("prefect"), "deployment", "run", name, "--watch"]
-        for param in params:
-            argv += ["--param", param]
-        process = subprocess.Popen(argv, env=self.env(), cwd=PROJECT_DIR, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-        output = []
-        for line in process.stdout:
-            print(line, end="")
-            output.append(line)
-        process.wait()
-        match = re.search(r"UUID:\s*([0-9a-f-]{36})", "".join(output))
-        if process.returncode != 0 or not match:
-            raise SystemExit(f"deployment run {name} failed (exit {process.returncode}); worker log: {self.logs / 'worker.log'}")
-        return match.group(1)
+    @contextlib.contextmanager
+    def use(self) -> Iterator[None]:
+        """Point this process's Prefect and Oppen clients at the stack (the demo's own calls).
+
+        Prefect reads its settings once per process, so its API URL is set as a temporary setting;
+        Oppen's settings are read from the environment on each call.
+        """
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        env = self.env()
+        os.environ.update({k: v for k, v in env.items() if k.startswith("OPPEN_")})
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            yield
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -384,11 +382,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"export {key}={env[key]}")
         print(f"export MLFLOW_TRACKING_URI={env['OPPEN_MLFLOW_TRACKING_URI']}")
     else:
-        from oppen.run_summary import print_summary
+        from oppen.terminal.watch import parse_params, run_and_follow
 
+        params = parse_params(args.param)
         stack.up()
-        flow_run_id = stack.run_deployment("train-mnist/local", args.param)
-        print_summary(flow_run_id, stack.env())
+        with stack.use():
+            code = run_and_follow("train-mnist/local", params)
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,13 @@ import json
 
 from mlflow import MlflowClient
 
+from oppen import tracking_keys as keys
 from oppen.cost.price_book import Resources
 from oppen.cost.speed import PastRun
 from training.config import RunConfig
 
 SPEED_KEY_TAG = "oppen.speed_key"
-SPEED_METRICS = ("cost_seconds_per_sample", "cost_epoch_overhead_s", "cost_fixed_overhead_s", "cost_tail_s")
-SHAPE_METRIC = "shape_steps_per_epoch"  # lets the next run of the same request be quoted before its data is read
+SPEED_METRICS = (keys.SECONDS_PER_SAMPLE, keys.EPOCH_OVERHEAD_SECONDS, keys.FIXED_OVERHEAD_SECONDS, keys.TAIL_SECONDS)
 
 
 def speed_key(workload_name: str, request_config: dict, data_source: str, run: RunConfig, resources: Resources,
@@ -38,23 +38,27 @@ def speed_key(workload_name: str, request_config: dict, data_source: str, run: R
 
 
 def past_runs(client: MlflowClient, key: str, limit: int = 10) -> list[PastRun]:
-    """Finished runs with this key, newest first, that recorded a speed (interrupted runs do not)."""
+    """Finished runs with this key, newest first, that recorded a speed (interrupted runs do not).
+
+    The speed is in the filter, so MLflow returns only runs that count: each run it returns costs the
+    store a read of all its params, tags and metrics, the bulk of a quote's time.
+    """
     found = client.search_runs(
         experiment_ids=[e.experiment_id for e in client.search_experiments()],
-        filter_string=f"tags.`{SPEED_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{SPEED_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED' "
+                      f"and metrics.`{keys.SECONDS_PER_SAMPLE}` > 0",
         order_by=["attributes.start_time DESC"],
-        max_results=limit * 3,
+        max_results=limit,
     )
-    runs = []
-    for run in found:
-        metrics = run.data.metrics
-        if "cost_seconds_per_sample" not in metrics or metrics["cost_seconds_per_sample"] <= 0:
-            continue
-        runs.append(PastRun(
-            steps_per_epoch=int(metrics[SHAPE_METRIC]) if metrics.get(SHAPE_METRIC, 0) >= 1 else None,
-            seconds_per_sample=metrics["cost_seconds_per_sample"],
-            epoch_overhead_seconds=max(0.0, metrics.get("cost_epoch_overhead_s", 0.0)),
-            fixed_overhead_seconds=max(0.0, metrics.get("cost_fixed_overhead_s", 0.0)),
-            tail_seconds=max(0.0, metrics.get("cost_tail_s", 0.0)),
-        ))
-    return runs[:limit]
+    return [past_run(run.data.metrics, run.data.params) for run in found]
+
+
+def past_run(metrics: dict[str, float], params: dict[str, str]) -> PastRun:
+    steps_per_epoch = params.get(keys.STEPS_PER_EPOCH_PARAM)
+    return PastRun(
+        steps_per_epoch=int(steps_per_epoch) if steps_per_epoch and steps_per_epoch.isdigit() else None,
+        seconds_per_sample=metrics[keys.SECONDS_PER_SAMPLE],
+        epoch_overhead_seconds=max(0.0, metrics.get(keys.EPOCH_OVERHEAD_SECONDS, 0.0)),
+        fixed_overhead_seconds=max(0.0, metrics.get(keys.FIXED_OVERHEAD_SECONDS, 0.0)),
+        tail_seconds=max(0.0, metrics.get(keys.TAIL_SECONDS, 0.0)),
+    )

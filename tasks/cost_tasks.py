@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 from prefect import get_run_logger, task
@@ -10,6 +9,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
+from oppen import tracking_keys as keys
+from oppen.cost.cost_story import cost_rows, headline, render_cost_markdown
 from oppen.cost.ledger import Ledger, Reservation, UnknownTeamError, utcnow
 from oppen.cost.meter import CostEvent, ForecastPoint
 from oppen.cost.money import format_usd, to_micros
@@ -17,13 +18,16 @@ from oppen.cost.policy import CostPolicy
 from oppen.cost.price_book import PriceBook, Resources
 from oppen.cost.quote import Quote, make_quote
 from oppen.cost.run_budget import BudgetRefused, SettledCost, least_hold_micros
-from oppen.cost.settlement import render_cost_markdown
 from oppen.cost.speed import PastRun, RunShape, from_calibration, from_history
+from oppen.display import usd
 from oppen.errors import RequestError
 from oppen.events import BUDGET_REFUSED, BUDGET_WARNING, RunEventContext, emit_run_event
 from oppen.settings import OppenSettings
+from oppen.story import quote_line, reserved_line
+from tasks.artifacts import artifact_key
 from tasks.cost_history import past_runs
 from tasks.retry import transient_only
+from tasks.run_story import story_logger
 from tasks.tracking import client_for, log_metrics
 from training.calibrate import calibrate
 from training.config import RunConfig
@@ -165,15 +169,29 @@ def quote_run(book: PriceBook, workload: Workload, run: RunConfig, policy: CostP
         # Its steady part only (timed steps, one evaluation): its warm-up is a cost every run pays once, so it
         # stays in the loading time the speed history records (a run quoted from history pays it in training).
         quote = quote.model_copy(update={"calibration_seconds": sum(measured.step_seconds) + measured.eval_seconds})
-    get_run_logger().info("quote: %s", quote.summary())
+    cheapest = None if quote.cheapest_start <= quote.start else f"{quote.cheapest_start:%Y-%m-%d %H:%M} UTC"
+    basis = (f"from history ({quote.speed.observations} runs)" if quote.speed.source == "history"
+             else f"from a {quote.speed.observations}-step calibration")
+    story_logger().info(quote_line(quote.expected_usd, quote.p90_usd, quote.expected_seconds, basis, cheapest,
+                                   quote.saving_usd))
     return quote
 
 
-def quote_metrics(quote: Quote) -> dict[str, float]:
+def quote_params(quote: Quote, book: PriceBook) -> dict[str, dict[str, object]]:
+    """The first attempt's quote and the rates it used, as MLflow params (constants of the run, not metrics)."""
     return {
-        "quote_expected_usd": quote.expected_usd, "quote_p90_usd": quote.p90_usd,
-        "quote_expected_seconds": quote.expected_seconds, "quote_cost_per_epoch_usd": quote.cost_per_epoch_usd,
-        "quote_cheapest_usd": quote.cheapest_usd, "shape_steps_per_epoch": float(quote.shape.steps_per_epoch),
+        "quote": {
+            "expected_usd": quote.expected_usd, "p90_usd": quote.p90_usd,
+            "expected_seconds": round(quote.expected_seconds, 1), "cost_per_epoch_usd": quote.cost_per_epoch_usd,
+            "cheapest_start": quote.cheapest_start.isoformat(timespec="minutes"), "cheapest_usd": quote.cheapest_usd,
+            "saving_usd": quote.saving_usd, "basis": f"{quote.speed.source}, {quote.speed.observations} obs",
+        },
+        "rate": {
+            "hourly_usd": quote.hourly_usd, "off_peak_discount": book.off_peak.discount,
+            "off_peak_window": f"{book.off_peak.start:%H:%M}-{book.off_peak.end:%H:%M} {book.off_peak.timezone}",
+            "spot_discount": book.spot.discount,
+        },
+        "shape": {"steps_per_epoch": quote.shape.steps_per_epoch},
     }
 
 
@@ -186,9 +204,9 @@ def announce_reservation(reservation: Reservation, policy: CostPolicy, events: R
             "scope": use.scope, "amount_usd": use.amount_micros / 1e6, "used_usd": use.used_micros / 1e6,
             "request_usd": use.request_micros / 1e6, "fraction": use.fraction_after,
         })
-    earlier = f", after {format_usd(reservation.prior_micros)} spent by earlier attempts" if reservation.reused else ""
-    logger.info("reserved %s for attempt %d of this run%s", format_usd(reservation.held_micros),
-                reservation.attempt_number, earlier)
+    story_logger().info(reserved_line(
+        reservation.held_micros / 1e6, reservation.attempt_number,
+        policy.max_cost_usd, reservation.prior_micros / 1e6 if reservation.reused else 0.0))
 
 
 def announce_refusal(error: BudgetRefused, events: RunEventContext, quote: Quote | None) -> None:
@@ -205,18 +223,16 @@ class PrefectCostReporter:
         self.logger = get_run_logger()
 
     def forecast(self, point: ForecastPoint) -> None:
-        self.tracking.log({"cost_forecast_usd": point.forecast_usd, "cost_accrued_usd": point.accrued_usd}, point.step)
-        if point.basis == "epochs":
-            # The cumulative cost at each epoch's end: the early-stopping recommender prices epochs with it.
-            self.tracking.log({"cost_epoch_usd": point.accrued_usd}, point.step)
-            self.logger.info("cost so far $%.6f; forecast total $%.6f (after epoch %d)",
-                             point.accrued_usd, point.forecast_usd, math.ceil(point.epoch))
+        metrics = {keys.COST_FORECAST: point.forecast_usd, keys.COST_ACCRUED: point.accrued_usd}
+        if point.epoch_usd is not None:
+            metrics[keys.COST_EPOCH] = point.epoch_usd  # what this epoch cost on its own
+        self.tracking.log(metrics, point.step)
 
     def event(self, event: CostEvent) -> None:
         if event.name == "oppen.cost.threshold":
-            self.logger.warning("cost reached %.0f%% of the %s ($%.6f of $%.6f)", event.payload["fraction"] * 100,
+            self.logger.warning("cost reached %.0f%% of the %s (%s of %s)", event.payload["fraction"] * 100,
                                 "run's cap" if event.payload["of"] == "cap" else f"{event.payload['of']} budget",
-                                event.payload["accrued_usd"], event.payload["of_usd"])
+                                usd(event.payload["accrued_usd"]), usd(event.payload["of_usd"]))
         else:
             self.logger.warning("%s: %s", event.name, event.payload)
         emit_run_event(self.events, event.name, event.payload)
@@ -226,17 +242,15 @@ class PrefectCostReporter:
 def publish_cost(settings: OppenSettings, settled: SettledCost, mlflow_run_id: str | None, title: str) -> None:
     """MLflow and the artifacts get the ledger's figures; retried alone, it never books anything again."""
     cost = settled.cost
+    booking = f"not yet in the ledger: {settled.pending_reason}" if settled.pending else "booked in the ledger"
+    report = render_cost_markdown(cost, title, booking)
     if mlflow_run_id:
-        # Step = the attempt: cost_attempt_usd keeps each attempt's part, cost_usd ends at the run's total.
-        log_metrics(client_for(settings), mlflow_run_id, cost.mlflow_metrics(), cost.attempt, tags={
+        client = client_for(settings)
+        # Step = the attempt: cost/attempt_usd keeps each attempt's part, cost/usd ends at the run's total.
+        log_metrics(client, mlflow_run_id, cost.mlflow_metrics(), cost.attempt, tags={
             "oppen.cost_status": cost.status, "oppen.settlement": "pending" if settled.pending else "booked"})
-    state = f"not yet in the ledger: {settled.pending_reason}" if settled.pending else "booked in the ledger"
-    create_markdown_artifact(render_cost_markdown(cost, title) + f"\n{state}\n", key=f"{_key(title)}-cost-report",
-                             description=f"cost of {title}: ${cost.cost_usd:.6f}")
-    rows = [{"item": key, "value": round(value, 8)} for key, value in sorted(cost.mlflow_metrics().items())]
-    create_table_artifact(rows, key=f"{_key(title)}-cost-table", description="cost figures of the run")
-
-
-def _key(title: str) -> str:
-    cleaned = "".join(ch if ch.isalnum() else "-" for ch in title.lower()).strip("-")
-    return "-".join(part for part in cleaned.split("-") if part)[:40] or "run"
+        client.log_text(mlflow_run_id, report, "cost_report.md")
+    headline_text = headline(cost)
+    create_markdown_artifact(report, key=artifact_key("cost"), description=f"{headline_text}: cost of {title}")
+    create_table_artifact([{"figure": figure, "value": value} for figure, value in cost_rows(cost)],
+                          key=artifact_key("cost-table"), description=f"{headline_text}: cost figures of {title}")

@@ -13,6 +13,7 @@ from oppen.cost.ledger import utcnow
 from oppen.cost.price_book import PriceBook
 from oppen.cost.quote import Quote
 from oppen.cost.windows import next_off_peak_start
+from oppen.display import usd
 from oppen.errors import RequestError
 
 DEFERRED_TAG = "oppen-deferred"
@@ -33,8 +34,8 @@ def deferral_message(book: PriceBook, starts_at: datetime, quote: Quote | None, 
     wait_h = (starts_at - now).total_seconds() / 3600
     when = f"{starts_at:%Y-%m-%d %H:%M} UTC (in {wait_h:.1f} h)"
     if quote is not None and quote.cheapest_start > quote.start:
-        return (f"deferred to the off-peak window at {when}: quoted ${quote.expected_usd:.6f} now, "
-                f"${quote.cheapest_usd:.6f} then, saves ${quote.saving_usd:.6f} "
+        return (f"deferred to the off-peak window at {when}: quoted {usd(quote.expected_usd)} now, "
+                f"{usd(quote.cheapest_usd)} then, saves {usd(quote.saving_usd)} "
                 f"({quote.saving_usd / quote.expected_usd:.0%})")
     return (f"deferred to the off-peak window at {when}: the compute is {discount:.0%} cheaper then "
             "(no speed history for this request yet, so no dollar quote before loading)")

@@ -1,4 +1,7 @@
-"""Progress visible while training: per-epoch log lines and a Prefect progress artifact."""
+"""Progress visible while training: the training's opening log line and a Prefect progress artifact.
+
+Each epoch's line is the run's story (tasks/run_story.py), which also has its cost.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from training.results import EpochRecord
 
 
 class PrefectProgressCallback(Callback):
-    """Logs each epoch through the task's run logger and moves a progress artifact along.
+    """Logs the training's plan through the task's run logger and moves a progress artifact along.
 
     The artifact is updated by a background thread at most every `min_interval_s` seconds with the
     latest progress: each update is an API call (20-40 ms here), which the training loop must not wait for.
@@ -70,18 +73,11 @@ class PrefectProgressCallback(Callback):
         self._update(step.step)
 
     def on_epoch_end(self, epoch: EpochRecord, control: LoopControl) -> None:
-        metrics = " ".join(f"{key}={value:.4f}" for key, value in sorted(epoch.metrics.items()))
-        self.logger.info(
-            "epoch %d (step %d/%d): train_loss=%.4f %s %.1fs %.0f samples/s",
-            epoch.epoch, epoch.step, self.total, epoch.train_loss, metrics, epoch.epoch_seconds, epoch.samples_per_second,
-        )
         self._update(epoch.step, force=True)
 
     def on_train_end(self, result, control: LoopControl) -> None:
         self._update(result.steps)
         self.close()
-        if result.stopped_early:
-            self.logger.warning("training stopped early at step %d: %s", result.steps, result.stop_reason)
 
     def close(self) -> None:
         """Send the last figure and stop the sender; idempotent (the task calls it on every exit)."""

@@ -26,7 +26,8 @@ class RegisteredVersion(BaseModel):
 
 
 def register_version(
-    settings: OppenSettings, name: str, model_uri: str, metric: str, value: float, higher_is_better: bool, alias: str
+    settings: OppenSettings, name: str, model_uri: str, metric: str, value: float, higher_is_better: bool, alias: str,
+    description: str | None = None,
 ) -> RegisteredVersion:
     # register_model creates the registered model when missing and resolves a logged model's
     # URI (models:/m-...) to its source and model id.
@@ -36,7 +37,15 @@ def register_version(
         name,
         tags={METRIC_TAG: metric, VALUE_TAG: repr(value), DIRECTION_TAG: str(higher_is_better).lower()},
     )
-    client_for(settings).set_registered_model_alias(name, alias, version.version)
+    client = client_for(settings)
+    if description:
+        client.update_model_version(name, version.version, description=description)
+        if not client.get_registered_model(name).description:
+            client.update_registered_model(name, description="Trained and registered by Oppen's training flows. "
+                                                             "Each version's description says what it scored and "
+                                                             "what its run cost; aliases move development → staging "
+                                                             "→ production.")
+    client.set_registered_model_alias(name, alias, version.version)
     return RegisteredVersion(name=name, version=int(version.version), alias=alias, metric=metric, value=value)
 
 

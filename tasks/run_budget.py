@@ -12,8 +12,10 @@ from oppen.cost.price_book import PriceBook
 from oppen.cost.run_budget import RunBudget, SettledCost
 from oppen.events import COST_SETTLED, RunEventContext, emit_run_event
 from oppen.settings import OppenSettings
+from oppen.story import settled_line
 from tasks.cost_tasks import PrefectCostReporter, publish_cost
 from tasks.mlflow_tasks import TrackingRun
+from tasks.run_story import story_logger
 
 
 def is_preemption(error: BaseException) -> bool:
@@ -29,8 +31,9 @@ def open_run_budget(
     reporter = PrefectCostReporter(tracking, events)
 
     def publish(settled: SettledCost) -> None:
-        publish_cost(settings, settled, tracking.run_id, title)
         cost = settled.cost
+        story_logger().info(settled_line(cost.cost_usd, cost.cap_usd, cost.status, cost.quote_error, not settled.pending))
+        publish_cost(settings, settled, tracking.run_id, title)
         emit_run_event(events, COST_SETTLED, {
             "status": cost.status, "cost_usd": cost.attempt_cost_usd, "run_cost_usd": cost.cost_usd,
             "cap_usd": cost.cap_usd, "quote_usd": cost.quote_expected_usd, "attempt": cost.attempt,

@@ -20,6 +20,7 @@ from oppen.events import (
     model_event_id,
     model_resource,
 )
+from oppen.links import prefect_flow_run_url
 from tasks.mlflow_tasks import TrackingInfo
 from tasks.registry import RegisteredVersion
 
@@ -30,9 +31,7 @@ log = logging.getLogger(__name__)
 
 def prefect_run_url(flow_run_id: str | None) -> str | None:
     """The flow run's page in the Prefect UI (prefect.runtime's own helper builds a path the UI does not serve)."""
-    from prefect.utilities.urls import url_for
-
-    return url_for("flow-run", obj_id=flow_run_id) if flow_run_id else None
+    return prefect_flow_run_url(flow_run_id)
 
 
 def run_event_context(team: str, experiment: str, workload: str) -> RunEventContext:

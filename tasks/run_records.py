@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime, timezone
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from oppen import tracking_keys as keys
 from oppen.cost.price_book import Resources
 from oppen.cost.recommend import RunRecord
 
+# Each workload's metrics as the flows name them (the registry's, the threshold's); their MLflow keys
+# are keys.metric_key(name): val/accuracy, test/accuracy, eval/perplexity.
 VAL_METRICS = {"mnist": ("val_accuracy", True), "lm": ("val_perplexity", False)}
 TEST_METRICS = {"mnist": ("test_accuracy", True), "lm": ("eval_perplexity", False)}
 
@@ -28,7 +32,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
 def record_of(client: MlflowClient, run: Run) -> RunRecord | None:
     """None for runs that never settled a cost (refused, or from before the cost engine)."""
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    if "cost_usd" not in metrics:
+    if keys.COST_TOTAL not in metrics:
         return None
     workload = tags.get("oppen.workload", "")
     resources = Resources(
@@ -39,10 +43,11 @@ def record_of(client: MlflowClient, run: Run) -> RunRecord | None:
     )
     val_key, higher = VAL_METRICS.get(workload, (None, True))
     test_key, _ = TEST_METRICS.get(workload, (None, True))
-    epochs_costs = _history(client, run.info.run_id, "cost_epoch_usd")
-    val = _history(client, run.info.run_id, val_key) if val_key else []
+    # Each epoch's own cost, summed into the run's cost at each epoch's end (what the recommender prices).
+    epochs_costs = list(itertools.accumulate(_history(client, run.info.run_id, keys.COST_EPOCH)))
+    val = _history(client, run.info.run_id, keys.metric_key(val_key)) if val_key else []
     checkpoint_every = _param(params, "run.checkpoint_every_steps", int, 0)
-    speed = metrics.get("cost_seconds_per_sample")
+    speed = metrics.get(keys.SECONDS_PER_SAMPLE)
     batch = _param(params, "run.batch_size", int, 1)
     return RunRecord(
         run_id=run.info.run_id,
@@ -54,19 +59,19 @@ def record_of(client: MlflowClient, run: Run) -> RunRecord | None:
         resources=resources,
         spot=params.get("cost.spot") == "True",
         checkpointed=True,  # every pipeline run checkpoints at epoch ends (and every N steps when asked)
-        cost_usd=metrics["cost_usd"],
-        seconds=metrics.get("cost_peak_seconds", 0.0) + metrics.get("cost_off_peak_seconds", 0.0),
-        peak_seconds=metrics.get("cost_peak_seconds", 0.0),
+        cost_usd=metrics[keys.COST_TOTAL],
+        seconds=metrics.get(keys.PEAK_SECONDS, 0.0) + metrics.get(keys.OFF_PEAK_SECONDS, 0.0),
+        peak_seconds=metrics.get(keys.PEAK_SECONDS, 0.0),
         samples_per_second=(1.0 / speed) if speed else None,
         metric_name=test_key,
-        metric_value=metrics.get(test_key) if test_key else None,
+        metric_value=metrics.get(keys.metric_key(test_key)) if test_key else None,
         higher_is_better=higher,
         val_history=val,
         epoch_costs=epochs_costs if len(epochs_costs) == len(val) else [],
-        cpu_cores_mean=metrics.get("util_cpu_cores_mean"),
-        cpu_cores_peak=metrics.get("util_cpu_cores_peak"),
-        memory_peak_gib=metrics.get("util_memory_peak_gib"),
-        gpu_util_mean=metrics.get("util_gpu_mean"),
+        cpu_cores_mean=metrics.get(keys.CPU_CORES_MEAN),
+        cpu_cores_peak=metrics.get(keys.CPU_CORES_PEAK),
+        memory_peak_gib=metrics.get(keys.MEMORY_PEAK_GIB),
+        gpu_util_mean=metrics.get(keys.GPU_UTIL_MEAN),
         checkpoint_interval_seconds=(checkpoint_every * batch * speed) if checkpoint_every and speed else None,
     )
 

@@ -1,14 +1,26 @@
-"""The typed result of a training flow and its markdown summary artifact."""
+"""The typed result of a training flow, told where users look: a Prefect artifact, MLflow's run and version.
+
+The markdown summary is a Prefect artifact (keyed per deployment) and an MLflow run artifact
+(`summary.md`); the MLflow run's description and the registered version's description lead with
+the cost and the result, so both UIs answer "what did it cost and what did it buy" at a glance.
+"""
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict
 
+from oppen.cost.cost_story import headline
 from oppen.cost.settlement import RunCost
+from oppen.display import duration, metric_phrase, metric_text, usd
+from oppen.links import prefect_flow_run_url
+from oppen.settings import OppenSettings
+from oppen.tracking_keys import DESCRIPTION_TAG
+from tasks.artifacts import artifact_key
 from tasks.registry import RegisteredVersion
+from tasks.tracking import client_for
 from training.results import EvalResult, TrainResult
 
 
@@ -17,6 +29,7 @@ class TrainingSummary(BaseModel):
 
     workload: str
     flow_run_id: str | None
+    flow_run_name: str | None = None
     experiment: str
     mlflow_run_id: str
     mlflow_run_url: str | None
@@ -29,6 +42,49 @@ class TrainingSummary(BaseModel):
     settlement_pending: bool = False  # the ledger could not be reached: the cost waits for `oppen reconcile`
 
 
+def result_phrase(summary: TrainingSummary) -> str:
+    """"test accuracy 99.15%"."""
+    return metric_phrase(summary.evaluation.primary_metric, summary.evaluation.primary_value)
+
+
+def state_message(summary: TrainingSummary) -> str:
+    """The Completed state's message: "$0.000291 of $0.0005 cap (58.2%) · test accuracy 99.15%"."""
+    cost = summary.cost
+    if cost is None:
+        return result_phrase(summary)
+    stopped = ", stopped at its cap" if cost.status == "stopped" else ""
+    return f"{headline(cost)}{stopped} · {result_phrase(summary)}"
+
+
+def describe(summary: TrainingSummary) -> str:
+    """The MLflow run's description (markdown): the cost and the result first, then how it got there."""
+    train, cost = summary.train, summary.cost
+    lines = [f"**{state_message(summary)}**", ""]
+    stopped = f", stopped early: {train.stop_reason}" if train.stopped_early else ""
+    lines.append(f"{train.epochs_completed} epoch(s), {train.steps:,}/{train.total_steps:,} steps in "
+                 f"{duration(train.train_seconds)} on {train.device} ({train.samples_per_second:,.0f} samples/s)"
+                 f"{stopped}.")
+    if cost is not None:
+        quote = f"quoted {usd(cost.quote_expected_usd)}" if cost.quote_expected_usd is not None else "not quoted"
+        booked = "waiting for the ledger" if summary.settlement_pending else "booked in the ledger"
+        lines.append(f"Cost {usd(cost.cost_usd)} ({quote}; {booked}); the breakdown is in `cost_report.md`.")
+    if summary.registered:
+        lines.append(f"Registered as `{summary.registered.name}` version {summary.registered.version} "
+                     f"(alias `{summary.registered.alias}`).")
+    if link := prefect_flow_run_url(summary.flow_run_id):
+        lines.append(f"Prefect flow run: [{summary.flow_run_name or summary.flow_run_id}]({link}).")
+    return "\n".join(lines) + "\n"
+
+
+def version_description(summary: TrainingSummary) -> str:
+    """The registered version's description once its run has settled: what it scored, what it cost, where from."""
+    evaluation = summary.evaluation
+    source = f" (flow run {summary.flow_run_name})" if summary.flow_run_name else ""
+    cost = f"; its run cost {usd(summary.cost.cost_usd)}" if summary.cost else ""
+    return (f"{result_phrase(summary)} on {evaluation.samples:,} held-out samples ({evaluation.split} split){cost}; "
+            f"trained by Oppen's {summary.workload} flow{source}, MLflow run {summary.mlflow_run_id}.")
+
+
 def render_markdown(summary: TrainingSummary) -> str:
     train, evaluation = summary.train, summary.evaluation
     run_link = f"[{summary.mlflow_run_id}]({summary.mlflow_run_url})" if summary.mlflow_run_url else summary.mlflow_run_id
@@ -39,45 +95,52 @@ def render_markdown(summary: TrainingSummary) -> str:
     )
     stopped = f"stopped early: {train.stop_reason}" if train.stopped_early else "completed"
     lines = [
-        f"# {summary.workload} training run",
+        f"# {state_message(summary)}",
         "",
-        "| | |",
+        f"{summary.workload} training run, experiment `{summary.experiment}`.",
+        "",
+        "| figure | value |",
         "| --- | --- |",
-        f"| {evaluation.primary_metric} ({evaluation.split}) | {evaluation.primary_value:.4f} |",
-        f"| steps | {train.steps} / {train.total_steps} ({stopped}) |",
+        f"| result | {result_phrase(summary)} on {evaluation.samples:,} held-out samples ({evaluation.split} split) |",
+        *([f"| cost | {headline(summary.cost)}, quoted {usd(summary.cost.quote_expected_usd)} |"] if summary.cost else []),
+        f"| steps | {train.steps:,} / {train.total_steps:,} ({stopped}) |",
         f"| epochs completed | {train.epochs_completed} |",
-        f"| training time | {train.train_seconds:.1f} s on {train.device} ({train.samples_per_second:.0f} samples/s) |",
-        f"| flow duration | {summary.duration_seconds:.1f} s |",
+        f"| training time | {duration(train.train_seconds)} on {train.device} ({train.samples_per_second:,.0f} samples/s) |",
+        f"| flow duration | {duration(summary.duration_seconds)} |",
         f"| parameters | {train.num_parameters:,} |",
-        f"| MLflow run | {run_link} (experiment `{summary.experiment}`) |",
+        f"| MLflow run | {run_link} |",
         f"| model | `{summary.model_uri}` |",
         f"| registry | {registered} |",
-        *(
-            [f"| cost | ${summary.cost.cost_usd:.6f} ({summary.cost.status}; quote ${summary.cost.quote_expected_usd or 0:.6f}) |"]
-            if summary.cost else []
-        ),
         "",
-        "## Epochs",
-        "",
-        "| epoch | step | train loss | " + " | ".join(sorted(train.history[0].metrics)) + " | seconds | samples/s |"
-        if train.history
-        else "(no complete epoch)",
     ]
     if train.history:
-        lines.append("|" + " --- |" * (5 + len(train.history[0].metrics)))
+        names = sorted(train.history[0].metrics)
+        lines += ["## Epochs", "", "| epoch | step | train loss | " + " | ".join(n.replace("_", " ") for n in names)
+                  + " | time | samples/s |", "|" + " ---: |" * (5 + len(names))]
         for record in train.history:
-            values = " | ".join(f"{record.metrics[key]:.4f}" for key in sorted(record.metrics))
-            lines.append(
-                f"| {record.epoch} | {record.step} | {record.train_loss:.4f} | {values} | "
-                f"{record.epoch_seconds:.1f} | {record.samples_per_second:.0f} |"
-            )
+            values = " | ".join(metric_text(key, record.metrics[key]) for key in names)
+            lines.append(f"| {record.epoch} | {record.step:,} | {record.train_loss:.4f} | {values} | "
+                         f"{duration(record.epoch_seconds)} | {record.samples_per_second:,.0f} |")
     return "\n".join(lines) + "\n"
 
 
 @task(cache_policy=NONE)
-def publish_summary(summary: TrainingSummary) -> TrainingSummary:
-    """A markdown artifact on the flow run that summarises the finished run."""
-    create_markdown_artifact(
-        markdown=render_markdown(summary), key=f"{summary.workload}-run-summary", description="Training run summary"
-    )
+def publish_summary(settings: OppenSettings, summary: TrainingSummary) -> TrainingSummary:
+    """The summary artifact on the flow run; the run's and the version's descriptions and summary.md in MLflow.
+
+    MLflow's part is a view of figures the ledger and MLflow already hold: if MLflow is down now, the run
+    still completes, with a warning.
+    """
+    markdown = render_markdown(summary)
+    create_markdown_artifact(markdown=markdown, key=artifact_key("summary"),
+                             description=f"{state_message(summary)}: {summary.workload} training run summary")
+    try:
+        client = client_for(settings)
+        client.set_tag(summary.mlflow_run_id, DESCRIPTION_TAG, describe(summary))
+        client.log_text(summary.mlflow_run_id, markdown, "summary.md")
+        if summary.registered and summary.cost:
+            client.update_model_version(summary.registered.name, str(summary.registered.version),
+                                        description=version_description(summary))
+    except Exception as error:
+        get_run_logger().warning("MLflow did not take the run's description and summary.md: %s", error)
     return summary

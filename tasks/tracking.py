@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 import training
+from oppen import tracking_keys as keys
 from oppen.settings import OppenSettings
 from tasks.metric_sink import MetricSink
 from training.callbacks import Callback, LoopControl, StepInfo
@@ -35,12 +36,16 @@ def client_for(settings: OppenSettings) -> MlflowClient:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    """The experiment's id, created when missing; marked as model training, so MLflow's UI opens it on its runs."""
     existing = client.get_experiment_by_name(name)
     if existing is not None:
+        if existing.tags.get(keys.EXPERIMENT_KIND_TAG) is None:  # made before this, or outside Oppen
+            client.set_experiment_tag(existing.experiment_id, keys.EXPERIMENT_KIND_TAG, keys.MODEL_TRAINING_KIND)
         return existing.experiment_id
     location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={keys.EXPERIMENT_KIND_TAG: keys.MODEL_TRAINING_KIND})
     except mlflow.exceptions.MlflowException:
         # Another run created it between our lookup and create: use theirs.
         return client.get_experiment_by_name(name).experiment_id
@@ -76,7 +81,10 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
 
 
 class MlflowMetricsCallback(Callback):
-    """Per-epoch metrics (and a smoothed step loss) into one MLflow run, through a non-blocking sink."""
+    """Per-epoch metrics (and a smoothed step loss) into one MLflow run, through a non-blocking sink.
+
+    Keys are grouped (train/..., val/...), so MLflow draws them in sections.
+    """
 
     def __init__(self, sink: MetricSink, log_every_steps: int) -> None:
         self.sink, self.every = sink, log_every_steps
@@ -86,16 +94,16 @@ class MlflowMetricsCallback(Callback):
         self._loss_sum += step.loss or 0.0
         self._loss_count += 1
         if step.step % self.every == 0:
-            self.sink.log({"train_loss_step": self._loss_sum / self._loss_count}, step.step)
+            self.sink.log({keys.TRAIN_LOSS: self._loss_sum / self._loss_count}, step.step)
             self._loss_sum, self._loss_count = 0.0, 0
 
     def on_epoch_end(self, epoch: EpochRecord, control: LoopControl) -> None:
         metrics = {
-            "epoch": epoch.epoch,
-            "train_loss": epoch.train_loss,
-            "epoch_seconds": epoch.epoch_seconds,
-            "samples_per_second": epoch.samples_per_second,
-            **epoch.metrics,
+            keys.EPOCHS_DONE: epoch.epoch,
+            keys.TRAIN_EPOCH_LOSS: epoch.train_loss,
+            keys.EPOCH_SECONDS: epoch.epoch_seconds,
+            keys.SAMPLES_PER_SECOND: epoch.samples_per_second,
+            **{keys.metric_key(name): value for name, value in epoch.metrics.items()},
         }
         self.sink.log(metrics, epoch.step)
 

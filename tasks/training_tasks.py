@@ -13,11 +13,15 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from oppen import tracking_keys as keys
 from oppen.cost.spot import SpotSimulator, run_through_reclaims
 from oppen.settings import OppenSettings
-from tasks.progress import PrefectProgressCallback
+from oppen.story import evaluated_line
+from tasks.artifacts import artifact_key
 from tasks.mlflow_tasks import TrackingRun
+from tasks.progress import PrefectProgressCallback
 from tasks.retry import transient_only
+from tasks.run_story import story_logger
 from tasks.tracking import MlflowMetricsCallback, log_torch_model
 from training.callbacks import Callback
 from training.config import RunConfig
@@ -63,7 +67,7 @@ def train_model(
     loop restarts from that checkpoint, as a rescheduled pod would; the meter keeps billing throughout.
     """
     logger = get_run_logger()
-    progress = PrefectProgressCallback(logger, key=f"{workload.name}-training-progress")
+    progress = PrefectProgressCallback(logger, key=artifact_key("progress"))
     callbacks: list[Callback] = [MlflowMetricsCallback(tracking.sink, run.log_every_steps), progress,
                                  *(extra_callbacks or [])]
     if spot is not None:
@@ -77,8 +81,8 @@ def train_model(
         progress.close()  # its sender thread, also when training fails or is preempted
     result = trained.result
     # Where this attempt started: > 0 after a preemption (resumed from a checkpoint).
-    tracking.log({"steps_completed": result.steps, "resumed_from_step": result.resumed_from_step,
-                  "train_seconds": result.train_seconds, "train_callback_seconds": result.callback_seconds},
+    tracking.log({keys.STEPS_COMPLETED: result.steps, keys.RESUMED_FROM_STEP: result.resumed_from_step,
+                  keys.TRAIN_SECONDS: result.train_seconds, keys.CALLBACK_SECONDS: result.callback_seconds},
                  result.steps)
     logger.info(
         "trained %d/%d steps in %.1fs (%.0f samples/s)%s",
@@ -94,11 +98,9 @@ def evaluate_model(
 ) -> EvalResult:
     """Score the trained model on held-out data and record the figures in the run."""
     evaluation = workload.test(trained.model, select_device(run.device))
-    tracking.log(evaluation.metrics, trained.result.steps)
-    get_run_logger().info(
-        "%s on %s: %s", evaluation.primary_metric, evaluation.split,
-        ", ".join(f"{k}={v:.4f}" for k, v in evaluation.metrics.items()),
-    )
+    tracking.log({keys.metric_key(name): value for name, value in evaluation.metrics.items()}, trained.result.steps)
+    story_logger().info(evaluated_line(evaluation.primary_metric, evaluation.primary_value, evaluation.split,
+                                       evaluation.samples))
     return evaluation
 
 
@@ -111,11 +113,11 @@ def _input_example(workload: Workload) -> np.ndarray:
 
 
 @task(cache_policy=NONE)
-def log_model(workload: Workload, trained: Trained, settings: OppenSettings, mlflow_run_id: str) -> str:
-    """Store the model with an input example in the run; returns its model URI."""
+def log_model(workload: Workload, trained: Trained, settings: OppenSettings, mlflow_run_id: str, name: str) -> str:
+    """Store the model, named after its workload's model (mnist-cnn), with an input example; returns its URI."""
     extra = []
     if isinstance(workload, LmWorkload):
         import transformers
 
         extra.append(f"transformers=={transformers.__version__}")
-    return log_torch_model(settings, mlflow_run_id, trained.model, _input_example(workload), "model", extra)
+    return log_torch_model(settings, mlflow_run_id, trained.model, _input_example(workload), name, extra)

@@ -168,7 +168,7 @@ def test_the_reports_cost_per_point_is_the_one_the_run_logged_to_mlflow(in_proce
     finally:
         ledger.dispose()
     (row,) = [row for row in rows if row["run_key"] == trained]
-    logged = MlflowClient(in_process.tracking_uri).get_run(row["mlflow_run_id"]).data.metrics["cost_per_point_usd"]
+    logged = MlflowClient(in_process.tracking_uri).get_run(row["mlflow_run_id"]).data.metrics["cost/per_point_usd"]
     metric, _, per_point = reports.ledger_quality(row)  # from the ledger alone: not None, MLflow is not asked
     assert metric == "test_accuracy" and math.isclose(per_point, logged, rel_tol=1e-9)
     # The scope's mean is the one the MLflow lookup (the cost-report flow's source) gives, run for run.

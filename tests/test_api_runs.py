@@ -62,7 +62,7 @@ def test_list_experiments_shows_the_ledgers_money(trained, in_process):
     assert mnist.runs == len(rows) and mnist.spent_micros == sum(row["spent_micros"] for row in rows) > 0
     assert mnist.spent_usd == mnist.spent_micros / 1e6
     assert mnist.workload == "mnist" and mnist.quality_metric == "test_accuracy" and mnist.higher_is_better
-    accuracy = context.mlflow().get_run(trained.mlflow_run_id).data.metrics["test_accuracy"]
+    accuracy = context.mlflow().get_run(trained.mlflow_run_id).data.metrics["test/accuracy"]
     assert mnist.best_value >= accuracy and mnist.best_run_id
     assert mnist.last_run_at is not None
     assert list_experiments(name_contains="no-such-experiment-anywhere") == []
@@ -75,8 +75,9 @@ def test_get_experiment_metrics_has_the_runs_figures_and_links(trained, in_proce
     assert metrics.status == "FINISHED" and metrics.experiment == "mnist" and metrics.duration_seconds > 0
     assert metrics.flow_run_id == trained.flow_run_id and metrics.workload == "mnist" and metrics.team == "default"
     assert metrics.params["run.max_steps"] == "30"
-    assert {"test_accuracy"} <= set(metrics.metrics.test) and {"val_accuracy"} <= set(metrics.metrics.validation)
-    assert {"cost_usd", "quote_expected_usd"} <= set(metrics.metrics.cost) and "train_loss" in metrics.metrics.train
+    assert {"test/accuracy"} <= set(metrics.metrics.test) and {"val/accuracy"} <= set(metrics.metrics.validation)
+    assert {"cost/usd", "speed/seconds_per_sample"} <= set(metrics.metrics.cost) and "train/loss" in metrics.metrics.train
+    assert metrics.params["quote.expected_usd"] and metrics.params["shape.steps_per_epoch"]  # constants are params
     assert metrics.tags["prefect.flow_run_id"] == trained.flow_run_id
     assert metrics.links.prefect and trained.flow_run_id in metrics.links.prefect
     assert get_experiment_metrics(trained.flow_run_id).run_id == trained.mlflow_run_id  # by flow run id too
@@ -97,6 +98,7 @@ def test_status_of_the_finished_run(trained, in_process):
     assert status.cost.accrued_usd == pytest.approx(status.cost.spent_usd, abs=1e-6)
     assert status.forecast.cap_micros == 500_000 and status.forecast.forecast_usd is not None
     assert status.logs and any("trained 30/30 steps" in line.message for line in status.logs)
+    assert any(line.message.startswith("settled $") and line.logger == "prefect.flow_runs.story" for line in status.logs)
     assert status.links.prefect and trained.flow_run_id in status.links.prefect
     assert status.summary.startswith("Completed; step 30/30")
     with pytest.raises(NotFound):
@@ -117,7 +119,7 @@ def test_cost_by_flow_run_and_by_mlflow_run_agree_to_the_micro_dollar(trained, i
     assert cost.cap_micros == 500_000 and cost.quote_micros == row["quote_micros"]
     assert [a.status for a in cost.attempts] == ["settled"] and cost.attempts[0].cost_micros == cost.spent_micros
     assert sum(charge.amount_micros for charge in cost.charges) == cost.spent_micros
-    assert "cost_usd" in cost.mlflow_metrics and cost.summary.startswith("settled: $")
+    assert "cost/usd" in cost.mlflow_metrics and cost.summary.startswith("settled: $")
     with pytest.raises(NotFound):
         calculate_training_cost(str(uuid.uuid4()))
     with pytest.raises(NotFound):

@@ -42,29 +42,30 @@ def _reserve(ledger: Ledger, key: str, usd: float, experiment: str = "mnist", **
 
 def test_metrics_are_grouped_by_what_they_measure():
     groups = group_metrics({
-        "cost_usd": 0.1, "quote_p90_usd": 0.2, "gpu_hours": 0.0, "spot_lost_usd": 0.0, "train_loss": 0.3, "epoch": 1,
-        "samples_per_second": 900.0, "shape_steps_per_epoch": 429, "val_accuracy": 0.9, "test_accuracy": 0.95,
-        "eval_perplexity": 40.0, "util_cpu_cores_mean": 1.5, "system/cpu_utilization_percentage": 80.0, "custom": 1.0,
+        "cost/usd": 0.1, "cost/gpu_hours": 0.0, "cost/spot_lost_usd": 0.0, "speed/seconds_per_sample": 1e-4,
+        "train/loss": 0.3, "train/epoch": 1, "train/samples_per_second": 900.0, "val/accuracy": 0.9,
+        "test/accuracy": 0.95, "eval/perplexity": 40.0, "utilization/cpu_cores_mean": 1.5,
+        "system/cpu_utilization_percentage": 80.0, "custom": 1.0,
     })
-    assert set(groups.cost) == {"cost_usd", "quote_p90_usd", "gpu_hours", "spot_lost_usd"}
-    assert set(groups.train) == {"train_loss", "epoch", "samples_per_second", "shape_steps_per_epoch"}
-    assert set(groups.validation) == {"val_accuracy"} and set(groups.test) == {"test_accuracy", "eval_perplexity"}
-    assert set(groups.system) == {"util_cpu_cores_mean", "system/cpu_utilization_percentage"}
+    assert set(groups.cost) == {"cost/usd", "cost/gpu_hours", "cost/spot_lost_usd", "speed/seconds_per_sample"}
+    assert set(groups.train) == {"train/loss", "train/epoch", "train/samples_per_second"}
+    assert set(groups.validation) == {"val/accuracy"} and set(groups.test) == {"test/accuracy", "eval/perplexity"}
+    assert set(groups.system) == {"utilization/cpu_cores_mean", "system/cpu_utilization_percentage"}
     assert groups.other == {"custom": 1.0}
 
 
 def test_the_quality_metric_follows_the_workload_else_what_was_logged():
     assert quality_metric_of(_run(tags={"oppen.workload": "mnist"})) == ("test_accuracy", True)
     assert quality_metric_of(_run(tags={"oppen.workload": "lm"})) == ("eval_perplexity", False)
-    assert quality_metric_of(_run(metrics={"eval_perplexity": 30.0})) == ("eval_perplexity", False)
+    assert quality_metric_of(_run(metrics={"eval/perplexity": 30.0})) == ("eval_perplexity", False)
     assert quality_metric_of(_run()) == (None, None)
 
 
 def test_progress_takes_the_furthest_step_mlflow_or_the_progress_artifact_knows():
-    run = _run(metrics={"shape_steps_per_epoch": 429, "epoch": 1, "train_loss_step": 0.2},
-               params={"run.epochs": "2", "run.max_steps": "600"})
-    history = {"epoch": [Metric("epoch", 1, 0, 429)], "cost_accrued_usd": [Metric("cost_accrued_usd", 0.1, 0, 400),
-                                                                           Metric("cost_accrued_usd", 0.2, 0, 429)]}
+    run = _run(metrics={"train/epoch": 1, "train/loss": 0.2},
+               params={"run.epochs": "2", "run.max_steps": "600", "shape.steps_per_epoch": "429"})
+    history = {"train/epoch": [Metric("train/epoch", 1, 0, 429)],
+               "cost/accrued_usd": [Metric("cost/accrued_usd", 0.1, 0, 400), Metric("cost/accrued_usd", 0.2, 0, 429)]}
     from_mlflow = progress_of(run, history, {}, percent=None)
     assert (from_mlflow.step, from_mlflow.total_steps, from_mlflow.total_epochs) == (429, 600, 2)
     assert from_mlflow.epochs_completed == 1 and from_mlflow.source == "mlflow" and from_mlflow.train_loss == 0.2

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import oppen.events as events_module
+from oppen.display import usd
 from oppen.cost.meter import CostMeter
 from oppen.cost.price_book import PriceBook, Resources
 from oppen.cost.quote import make_quote
@@ -113,7 +114,7 @@ def test_a_deferral_states_the_saving_in_dollars_when_history_quotes_the_run():
     quote = make_quote(BOOK, Resources(gpus=1, cpu_cores=4), speed, RunShape(total_steps=1000, steps_per_epoch=500, batch_size=1), NOON)
     message = deferral_message(BOOK, quote.cheapest_start, quote, NOON)
     assert "2026-11-23 22:00 UTC (in 10.0 h)" in message
-    assert f"saves ${quote.saving_usd:.6f}" in message and quote.saving_usd > 0
+    assert f"saves {usd(quote.saving_usd)}" in message and quote.saving_usd > 0
     without = deferral_message(BOOK, NOON + timedelta(hours=10), None, NOON)
     assert "50% cheaper" in without
 

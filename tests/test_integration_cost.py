@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from oppen.cost.budgets import open_ledger
-from oppen.cost.money import to_micros
+from oppen.cost.money import format_usd, to_micros
 from tests.test_integration_local_pool import _deployment_run, _read_flow_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -74,23 +74,45 @@ def test_settled_run_agrees_in_ledger_mlflow_and_artifact(stack, settled):
     metrics = run.data.metrics
     assert row["status"] == "settled" and row["held_micros"] == 0 and row["mlflow_run_id"] == run.info.run_id
     # One figure everywhere, to the micro-dollar: the ledger's integer, MLflow, both artifacts, the state.
-    assert row["spent_micros"] == to_micros(metrics["cost_usd"]) == to_micros(metrics["cost_attempt_usd"]) > 0
-    report = next(a for a in _artifacts(stack, flow_run_id) if a.key and a.key.endswith("-cost-report"))
-    assert f"**${row['actual_usd']:,.6f}**" in report.data and "booked in the ledger" in report.data
-    table = next(a for a in _artifacts(stack, flow_run_id) if a.key and a.key.endswith("-cost-table"))
-    rows = {item["item"]: item["value"] for item in json.loads(table.data)}
-    assert to_micros(rows["cost_usd"]) == row["spent_micros"]
-    assert _read_flow_run(stack, flow_run_id).state.message.startswith(f"${row['actual_usd']:.6f}")
+    assert row["spent_micros"] == to_micros(metrics["cost/usd"]) == to_micros(metrics["cost/attempt_usd"]) > 0
+    amount = format_usd(row["spent_micros"])
+    artifacts = {a.key: a for a in _artifacts(stack, flow_run_id)}
+    # Keyed per deployment and kind, so each run adds a version under four stable keys; the amount leads.
+    assert {"train-mnist-local-cost", "train-mnist-local-cost-table", "train-mnist-local-summary",
+            "train-mnist-local-progress"} <= set(artifacts)
+    report = artifacts["train-mnist-local-cost"]
+    assert report.data.startswith(f"# {amount} for ") and "booked in the ledger" in report.data
+    assert report.description.startswith(amount)
+    rows = {item["figure"]: item["value"] for item in json.loads(artifacts["train-mnist-local-cost-table"].data)}
+    assert rows["Cost of the run"].startswith(f"{amount}, completed")
+    assert _read_flow_run(stack, flow_run_id).state.message.startswith(f"{amount} · test accuracy ")
+    client = MlflowClient(tracking_uri=stack.tracking_uri)
+    # MLflow has the same: the description leads with the amount, the report and the summary are run artifacts.
+    assert run.data.tags["mlflow.note.content"].startswith(f"**{amount} · test accuracy ")
+    assert {"cost_report.md", "summary.md", "config.json"} <= {f.path for f in client.list_artifacts(run.info.run_id)}
     [charge] = ledger_charges(stack, flow_run_id)
     assert charge["amount_micros"] == row["spent_micros"] and charge["kind"] == "usage"
-    # The engine's other outputs are there: quote, per-epoch cost and forecast, hours, utilisation, speed.
-    for key in ("quote_expected_usd", "quote_p90_usd", "cost_forecast_error", "cpu_hours", "gpu_hours",
-                "cost_per_point_usd", "util_cpu_cores_mean", "cost_seconds_per_sample", "cost_tail_s"):
+    # The engine's other outputs are there, each in its section: per-epoch cost and forecast, hours,
+    # utilisation, speed; the quote and the rates are params (constants of the run, not step-0 metrics).
+    for key in ("cost/forecast_error", "cost/cpu_core_hours", "cost/gpu_hours", "cost/per_point_usd",
+                "utilization/cpu_cores_mean", "speed/seconds_per_sample", "speed/tail_seconds"):
         assert key in metrics, key
-    client = MlflowClient(tracking_uri=stack.tracking_uri)
-    assert len(client.get_metric_history(run.info.run_id, "cost_epoch_usd")) == 2
-    assert len(client.get_metric_history(run.info.run_id, "cost_forecast_usd")) >= 3  # steps in epoch 1 + epochs
-    assert abs(metrics["cost_forecast_error"]) < 0.5  # sanity only: accuracy is measured in bench/
+    assert not [key for key in metrics if "/" not in key]  # every metric is grouped
+    assert not [key for key in metrics if key.startswith("quote")]
+    for param in ("quote.expected_usd", "quote.p90_usd", "quote.cheapest_start", "rate.hourly_usd",
+                  "rate.off_peak_discount", "shape.steps_per_epoch"):
+        assert param in run.data.params, param
+    # Each epoch's own cost, adding up with the run's cost before training to the accrued total at its end.
+    epochs = sorted(client.get_metric_history(run.info.run_id, "cost/epoch_usd"), key=lambda m: m.step)
+    accrued = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "cost/accrued_usd")}
+    assert len(epochs) == 2 and accrued[epochs[1].step] - accrued[epochs[0].step] == pytest.approx(epochs[1].value)
+    # Accrued cost through the whole run: ten points an epoch, not only in the first.
+    second_epoch = [step for step in accrued if epochs[0].step < step <= epochs[1].step]
+    assert len(second_epoch) >= 5, sorted(accrued)
+    assert len(client.get_metric_history(run.info.run_id, "cost/forecast_usd")) >= 10
+    assert abs(metrics["cost/forecast_error"]) < 0.5  # sanity only: accuracy is measured in bench/
+    # MLflow's own system-metrics monitor ran beside training.
+    assert [key for key in metrics if key.startswith("system/")], sorted(metrics)
 
 
 def test_run_over_budget_is_refused_before_training_and_recorded(stack, settled):
@@ -122,22 +144,25 @@ def test_unknown_team_fails_before_anything_is_spent(stack):
 
 def test_capped_run_stops_mid_run_with_a_checkpoint_within_one_step_of_its_cap(stack, settled):
     _, normal = settled
-    cap = 0.5 * normal.data.metrics["cost_usd"]
+    cap = 0.5 * normal.data.metrics["cost/usd"]
     result, flow_run_id = _deployment_run(stack, f"run={json.dumps(COST_RUN)}", "min_test_accuracy=0.0",
                                           f'cost={{"max_cost_usd": {cap!r}}}')
     assert "Completed" in result.stdout
-    metrics = _mlflow_run(stack, flow_run_id).data.metrics
-    assert metrics["cost_cap_usd"] == pytest.approx(cap) and metrics["cost_limit_usd"] <= cap
+    tracked = _mlflow_run(stack, flow_run_id)
+    metrics = tracked.data.metrics
+    assert float(tracked.data.params["cost.max_cost_usd"]) == pytest.approx(cap) and metrics["cost/limit_usd"] <= cap
     # The guarantee: training stops one step before the step that would leave too little for the tail.
-    assert metrics["cost_at_training_end_usd"] + metrics["cost_tail_reserve_usd"] <= cap
+    assert metrics["cost/at_training_end_usd"] + metrics["cost/tail_reserve_usd"] <= cap
     # And the settled total lands under the cap: the tail reserve is deliberately generous (1.5x + 1 s).
-    assert 0.5 * cap <= metrics["cost_usd"] <= cap
+    assert 0.5 * cap <= metrics["cost/usd"] <= cap
     # The flow run's own output reaches the worker's log on its own schedule (a loaded machine: seconds later).
     stack.wait_for(lambda: "budget cap" in stack.log("worker"), 60, "the cap's log line in the worker log")
     ledger = _ledger(stack)
     [row] = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
     ledger.dispose()
-    assert row["status"] == "stopped" and row["spent_micros"] == to_micros(metrics["cost_usd"])
+    assert row["status"] == "stopped" and row["spent_micros"] == to_micros(metrics["cost/usd"])
+    state = _read_flow_run(stack, flow_run_id).state
+    assert state.message.startswith(f"{format_usd(row['spent_micros'])} of ") and ", stopped at its cap · " in state.message
     checkpoint = stack.root / "oppen" / "checkpoints" / "mnist" / flow_run_id / "last.pt"
     assert checkpoint.exists()
     import torch

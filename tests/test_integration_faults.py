@@ -77,7 +77,7 @@ def test_ledger_down_at_settle_is_journalled_then_reconciled_exactly_once(stack,
     [run] = mlflow.search_runs([mlflow.get_experiment_by_name("mnist").experiment_id],
                                f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
     assert run.data.tags["oppen.settlement"] == "pending"
-    assert to_micros(run.data.metrics["cost_attempt_usd"]) == sum(entry["charges_by_month"].values())
+    assert to_micros(run.data.metrics["cost/attempt_usd"]) == sum(entry["charges_by_month"].values())
 
     proxy.up()
     env = {"OPPEN_LEDGER_URL": direct}
@@ -127,7 +127,7 @@ def test_mlflow_down_during_training_loses_no_metric_and_no_money(stack, mlflow_
     def training():
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-        if runs and client.get_metric_history(runs[0].info.run_id, "train_loss_step"):
+        if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
             return runs[0].info.run_id
         return None
 
@@ -142,8 +142,8 @@ def test_mlflow_down_during_training_loses_no_metric_and_no_money(stack, mlflow_
 
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "oppen.metrics_gap" not in run.data.tags
-    steps = run.data.metrics["steps_completed"]
-    history = client.get_metric_history(run_id, "train_loss_step")
+    steps = run.data.metrics["train/steps_completed"]
+    history = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(10, int(steps) + 1, 10))  # every point, once
     assert any(down_from < m.timestamp < down_until for m in history)  # some were made while MLflow was down
     assert "val_accuracy" in run.data.metrics and "test_accuracy" in run.data.metrics
@@ -152,4 +152,4 @@ def test_mlflow_down_during_training_loses_no_metric_and_no_money(stack, mlflow_
         [row] = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
     finally:
         ledger.dispose()
-    assert row["status"] == "settled" and row["spent_micros"] == to_micros(run.data.metrics["cost_usd"]) > 0
+    assert row["status"] == "settled" and row["spent_micros"] == to_micros(run.data.metrics["cost/usd"]) > 0

@@ -45,7 +45,7 @@ def test_lm_flow_trains_offline_and_registers(in_process, wikitext_dir):
     assert summary.registered is not None and summary.registered.alias == "development"
     run = MlflowClient(in_process.tracking_uri).get_run(summary.mlflow_run_id)
     assert run.data.params["config.data_dir"] == str(wikitext_dir)
-    assert run.data.metrics["eval_perplexity"] == pytest.approx(summary.evaluation.primary_value)
+    assert run.data.metrics["eval/perplexity"] == pytest.approx(summary.evaluation.primary_value)
 
 
 def test_a_retried_final_state_still_returns_the_summary(in_process, monkeypatch):

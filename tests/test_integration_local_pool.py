@@ -76,7 +76,7 @@ def test_mnist_deployment_trains_logs_and_registers(stack):
     assert json.loads(open(config).read())["run"]["max_steps"] == 40
     for metric in ("train_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "test_accuracy"):
         assert metric in run.data.metrics, metric
-    assert run.data.metrics["test_accuracy"] > 0.5
+    assert run.data.metrics["test/accuracy"] > 0.5
     # The model is logged in the run (MLflow 3 logged model) and loadable.
     models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
     assert any(m.source_run_id == run.info.run_id for m in models)

@@ -96,7 +96,7 @@ def test_sigterm_reschedules_and_the_run_resumes_from_its_checkpoint(stack):
         return runs[0]
 
     reference = mlflow_run(reference_id)
-    assert reference.data.metrics["steps_completed"] == RUN["max_steps"]
+    assert reference.data.metrics["train/steps_completed"] == RUN["max_steps"]
 
     flow_run_id = _start(stack)
     saved_step = _preempt_mid_epoch(stack, flow_run_id)
@@ -109,11 +109,11 @@ def test_sigterm_reschedules_and_the_run_resumes_from_its_checkpoint(stack):
     run = mlflow_run(flow_run_id)  # the same MLflow run, reopened
     assert run.info.status == "FINISHED"
     assert run.data.tags["oppen.attempt"] == "2"
-    resumed_from = run.data.metrics["resumed_from_step"]
+    resumed_from = run.data.metrics["train/resumed_from_step"]
     # At most one checkpoint interval lost: the attempt resumed from the last checkpoint written.
     assert resumed_from >= saved_step and resumed_from % EVERY == 0
-    assert run.data.metrics["steps_completed"] == reference.data.metrics["steps_completed"] == RUN["max_steps"]
-    assert run.data.metrics["test_accuracy"] > 0.5
+    assert run.data.metrics["train/steps_completed"] == reference.data.metrics["train/steps_completed"] == RUN["max_steps"]
+    assert run.data.metrics["test/accuracy"] > 0.5
 
     # Both attempts are paid for, in one ledger row that the second attempt reopened and settled.
     ledger = Ledger(f"sqlite:///{stack.root / 'oppen' / 'ledger.db'}")
@@ -125,9 +125,9 @@ def test_sigterm_reschedules_and_the_run_resumes_from_its_checkpoint(stack):
     assert len(rows) == 1 and rows[0]["status"] == "settled" and rows[0]["attempts"] == 2
     assert [a["status"] for a in attempts] == ["preempted", "settled"] and all(a["cost_micros"] > 0 for a in attempts)
     # MLflow keeps each attempt's part (step = attempt) and the run's total; all three agree to the micro-dollar.
-    parts = sorted(mlflow.get_metric_history(run.info.run_id, "cost_attempt_usd"), key=lambda m: m.step)
+    parts = sorted(mlflow.get_metric_history(run.info.run_id, "cost/attempt_usd"), key=lambda m: m.step)
     assert [to_micros(m.value) for m in parts] == [a["cost_micros"] for a in attempts]
-    assert to_micros(run.data.metrics["cost_usd"]) == rows[0]["spent_micros"] == sum(a["cost_micros"] for a in attempts)
+    assert to_micros(run.data.metrics["cost/usd"]) == rows[0]["spent_micros"] == sum(a["cost_micros"] for a in attempts)
 
 
 def test_a_rescheduled_run_with_a_cap_stops_at_the_cap_summed_over_its_attempts(stack):
@@ -164,6 +164,6 @@ def test_a_rescheduled_run_with_a_cap_stops_at_the_cap_summed_over_its_attempts(
     mlflow = MlflowClient(tracking_uri=stack.tracking_uri)
     [tracked] = mlflow.search_runs([mlflow.get_experiment_by_name("mnist").experiment_id],
                                    f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-    assert tracked.data.metrics["steps_completed"] < run["max_steps"]
-    assert to_micros(tracked.data.metrics["cost_usd"]) == row["spent_micros"]
-    assert tracked.data.metrics["cost_limit_usd"] <= (cap_micros - first["cost_micros"]) / 1e6 + 1e-6
+    assert tracked.data.metrics["train/steps_completed"] < run["max_steps"]
+    assert to_micros(tracked.data.metrics["cost/usd"]) == row["spent_micros"]
+    assert tracked.data.metrics["cost/limit_usd"] <= (cap_micros - first["cost_micros"]) / 1e6 + 1e-6

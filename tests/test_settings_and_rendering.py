@@ -42,7 +42,9 @@ def test_summary_markdown_has_the_headline_figures():
                               registered=RegisteredVersion(name="m", version=2, alias="development",
                                                            metric="test_accuracy", value=0.91))
     text = render_markdown(summary)
-    assert "| test_accuracy (test) | 0.9100 |" in text
+    assert text.startswith("# test accuracy 91.00%\n")  # no cost settled: the result alone
+    assert "| figure | value |" in text  # a header that says something, never an empty one
+    assert "| result | test accuracy 91.00% on 100 held-out samples (test split) |" in text
     assert "`m` version 2, alias `development`" in text
     assert "[abc](http://ui/#/runs/abc)" in text
-    assert "| 1 | 10 | 0.5000 | 0.9000 | 1.0 | 100 |" in text
+    assert "| 1 | 10 | 0.5000 | 90.00% | 1.0 s | 100 |" in text

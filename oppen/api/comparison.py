@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from pydantic import BaseModel, ConfigDict, Field
 
+from oppen import tracking_keys as keys
 from oppen.api import context
 from oppen.api.errors import ApiError, InvalidInput
 from oppen.api.quoting import JobQuote, ResolvedJob, TrainingJob, parse_job, quote_job, resolve
@@ -124,11 +125,12 @@ def quality_history(client: MlflowClient, resolved: ResolvedJob) -> Quality:
         runs = [run for run in _finished(client, f"tags.`oppen.workload` = '{resolved.job.workload}'")
                 if _matches(run, settings)]
         basis = "same settings, other hardware"
-    scored = [run for run in runs if metric in run.data.metrics]
-    costs = [run.data.metrics["cost_usd"] for run in scored if "cost_usd" in run.data.metrics]
-    points = [run.data.metrics["cost_usd"] / run.data.metrics["cost_per_point_usd"] for run in scored
-              if run.data.metrics.get("cost_per_point_usd", 0) > 0 and run.data.metrics.get("cost_usd", 0) > 0]
-    return Quality(metric, higher, basis if scored else None, [run.data.metrics[metric] for run in scored], costs, points)
+    key = keys.metric_key(metric)
+    scored = [run for run in runs if key in run.data.metrics]
+    costs = [run.data.metrics[keys.COST_TOTAL] for run in scored if keys.COST_TOTAL in run.data.metrics]
+    points = [run.data.metrics[keys.COST_TOTAL] / run.data.metrics[keys.COST_PER_POINT] for run in scored
+              if run.data.metrics.get(keys.COST_PER_POINT, 0) > 0 and run.data.metrics.get(keys.COST_TOTAL, 0) > 0]
+    return Quality(metric, higher, basis if scored else None, [run.data.metrics[key] for run in scored], costs, points)
 
 
 def _finished(client: MlflowClient, condition: str) -> list[Run]:

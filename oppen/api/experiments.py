@@ -18,6 +18,7 @@ from mlflow.entities import Experiment, Run, ViewType
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import case, func, select
 
+from oppen import tracking_keys as keys
 from oppen.api import context
 from oppen.api.errors import InvalidInput
 from oppen.api.recommendations import find_run
@@ -26,6 +27,7 @@ from oppen.cost.ledger import REFUSED, RESERVED, RUNNING, Ledger
 from oppen.cost.ledger_schema import attempts, queue_holds, runs
 from oppen.cost.money import Micros, usd_float
 from oppen.cost.queue_holds import HELD
+from oppen.links import mlflow_experiment_url, mlflow_run_url, prefect_flow_run_url  # noqa: F401 (re-exported)
 from oppen.settings import OppenSettings
 from tasks.run_records import TEST_METRICS
 from tasks.tracking import client_for
@@ -34,9 +36,9 @@ MAX_EXPERIMENTS = 1000
 LOOKUP_THREADS = 8  # per-experiment MLflow questions run side by side: each waits on the store, not the CPU
 FLOW_RUN_TAG = "prefect.flow_run_id"
 TAG_PREFIXES = ("oppen.", "prefect.")  # the tags that say who a run is; mlflow.* tags are MLflow's bookkeeping
-# The figures the cost engine logs that do not start with cost_ (oppen.cost.settlement.RunCost.mlflow_metrics).
-COST_KEYS = {"gpu_hours", "cpu_hours", "memory_gib_hours"}
-TRAIN_KEYS = {"epoch", "epoch_seconds", "samples_per_second", "steps_completed", "resumed_from_step"}
+# MLflow sections (oppen/tracking_keys.py) → the groups a run's metrics are reported in.
+SECTION_GROUPS = {"cost": "cost", "speed": "cost", "train": "train", "val": "validation", "test": "test", "eval": "test",
+                  "utilization": "system", "system": "system"}
 
 
 # --- list_experiments -----------------------------------------------------------------------
@@ -127,9 +129,10 @@ def _tracked(client: MlflowClient, experiment_id: str) -> _Tracked:
     if metric is None:
         return _Tracked(latest[0], None, None, None)
     # Runs without the metric sort last in either direction, so the first run is the best one that has it.
+    key = keys.metric_key(metric)
     best = client.search_runs([experiment_id], max_results=1,
-                              order_by=[f"metrics.`{metric}` {'DESC' if higher else 'ASC'}"])
-    best_run = best[0] if best and metric in best[0].data.metrics else None
+                              order_by=[f"metrics.`{key}` {'DESC' if higher else 'ASC'}"])
+    best_run = best[0] if best and key in best[0].data.metrics else None
     return _Tracked(latest[0], best_run, metric, higher)
 
 
@@ -139,7 +142,7 @@ def quality_metric_of(run: Run) -> tuple[str | None, bool | None]:
     if workload in TEST_METRICS:
         return TEST_METRICS[workload]
     for metric, higher in TEST_METRICS.values():
-        if metric in run.data.metrics:
+        if keys.metric_key(metric) in run.data.metrics:
             return metric, higher
     return None, None
 
@@ -193,7 +196,7 @@ def _summary(experiment: Experiment, tracked: _Tracked, booked: _Booked, setting
         refused=booked.refused, queued=booked.queued, last_run_at=last,
         workload=tracked.last_run.data.tags.get("oppen.workload") if tracked.last_run else None,
         quality_metric=tracked.metric, higher_is_better=tracked.higher_is_better,
-        best_value=best.data.metrics[tracked.metric] if best else None, best_run_id=best.info.run_id if best else None,
+        best_value=best.data.metrics[keys.metric_key(tracked.metric)] if best else None, best_run_id=best.info.run_id if best else None,
         spent_micros=booked.spent, spent_usd=usd_float(booked.spent), held_micros=booked.held,
         held_usd=usd_float(booked.held), mlflow_url=experiment_url(settings, experiment.experiment_id),
     )
@@ -207,11 +210,11 @@ class MetricGroups(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    cost: dict[str, float] = Field(description="cost_*, quote_*, spot_* and resource hours: the cost engine's figures.")
-    train: dict[str, float] = Field(description="train_*, epoch and speed figures of the training loop.")
-    validation: dict[str, float] = Field(description="val_*: measured on the validation split after each epoch.")
-    test: dict[str, float] = Field(description="test_* and eval_*: the final evaluation on held-out data.")
-    system: dict[str, float] = Field(description="util_* and system/*: CPU, memory and GPU use.")
+    cost: dict[str, float] = Field(description="cost/* and speed/*: the cost engine's figures and measured speed.")
+    train: dict[str, float] = Field(description="train/*: loss, epochs, steps and throughput of the training loop.")
+    validation: dict[str, float] = Field(description="val/*: measured on the validation split after each epoch.")
+    test: dict[str, float] = Field(description="test/* and eval/*: the final evaluation on held-out data.")
+    system: dict[str, float] = Field(description="utilization/* and system/*: CPU, memory and GPU use.")
     other: dict[str, float] = Field(description="Anything else the run logged.")
 
 
@@ -275,17 +278,8 @@ def get_experiment_metrics(run_id: str) -> RunMetrics:
 
 
 def metric_group(key: str) -> str:
-    if key.startswith(("cost_", "quote_", "spot_")) or key in COST_KEYS:
-        return "cost"
-    if key.startswith(("util_", "system/")):
-        return "system"
-    if key.startswith("val_"):
-        return "validation"
-    if key.startswith(("test_", "eval_")):
-        return "test"
-    if key.startswith(("train_", "shape_")) or key in TRAIN_KEYS:
-        return "train"
-    return "other"
+    """The group of a key by its MLflow section (cost/usd → cost, val/accuracy → validation)."""
+    return SECTION_GROUPS.get(keys.section_of(key), "other")
 
 
 def group_metrics(metrics: dict[str, float]) -> MetricGroups:
@@ -303,21 +297,12 @@ def run_start(run: Run) -> datetime | None:
 
 
 def experiment_url(settings: OppenSettings, experiment_id: str) -> str | None:
-    return f"{settings.ui_url.rstrip('/')}/#/experiments/{experiment_id}" if settings.ui_url else None
+    return mlflow_experiment_url(settings.ui_url, experiment_id)
 
 
 def run_url(settings: OppenSettings, experiment_id: str, run_id: str) -> str | None:
     """The URL the training flow logs for its run (tasks.mlflow_tasks.open_tracking_run)."""
-    base = experiment_url(settings, experiment_id)
-    return f"{base}/runs/{run_id}" if base else None
-
-
-def prefect_flow_run_url(flow_run_id: str | None) -> str | None:
-    if not flow_run_id:
-        return None
-    from prefect.utilities.urls import url_for
-
-    return url_for("flow-run", obj_id=flow_run_id)
+    return mlflow_run_url(settings.ui_url, experiment_id, run_id)
 
 
 def _utc(moment: datetime) -> datetime:

@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from pydantic import BaseModel, ConfigDict, Field
 
+from oppen import tracking_keys as keys
 from oppen.api import context
 from oppen.api.errors import InvalidInput, NotFound
 from oppen.api.recommendations import FLOW_RUN_ID, MLFLOW_RUN_ID, find_run
@@ -24,7 +25,7 @@ from oppen.cost.price_book import PriceBook, Resources, on_demand_hourly_usd
 from oppen.cost.pricing import price_interval
 from oppen.cost.speed import SpeedEstimate, from_history
 from oppen.cost.windows import next_off_peak_start, regime_at
-from tasks.cost_history import SHAPE_METRIC, SPEED_KEY_TAG, past_runs
+from tasks.cost_history import SPEED_KEY_TAG, past_runs
 
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
@@ -176,36 +177,36 @@ def run_figures(client: MlflowClient, tracked: Run) -> RunFigures:
     """The run's plan and progress from its params and metrics; NotFound when it never reached training."""
     params, metrics = tracked.data.params, tracked.data.metrics
     run_id = tracked.info.run_id
-    steps_per_epoch = int(metrics.get(SHAPE_METRIC) or 0)
+    steps_per_epoch = _param(params, keys.STEPS_PER_EPOCH_PARAM, int) or 0
     if steps_per_epoch < 1:
-        raise NotFound(f"MLflow run {run_id} has no quote logged ({SHAPE_METRIC}): it never reached training, so "
-                       "there is nothing to forecast from")
+        raise NotFound(f"MLflow run {run_id} has no quote logged ({keys.STEPS_PER_EPOCH_PARAM}): it never reached "
+                       "training, so there is nothing to forecast from")
     batch = _param(params, "run.batch_size", int) or 1
-    accrued_points = client.get_metric_history(run_id, "cost_accrued_usd")
+    accrued_points = client.get_metric_history(run_id, keys.COST_ACCRUED)
     # A resumed run still carries the steps of its earlier attempt; the meter's readings are this attempt's.
-    steps_done = max([int(metrics.get("steps_completed", 0))] + [point.step for point in accrued_points])
+    steps_done = max([int(metrics.get(keys.STEPS_COMPLETED, 0))] + [point.step for point in accrued_points])
     running = tracked.info.status in RUNNING_STATUSES
-    # The meter's reading includes earlier attempts; cost_usd is the total at the last settle.
-    accrued = metrics.get("cost_accrued_usd" if running else "cost_usd",
-                          metrics.get("cost_usd" if running else "cost_accrued_usd", 0.0))
+    # The meter's reading includes earlier attempts; cost/usd is the total at the last settle.
+    accrued = metrics.get(keys.COST_ACCRUED if running else keys.COST_TOTAL,
+                          metrics.get(keys.COST_TOTAL if running else keys.COST_ACCRUED, 0.0))
     step_seconds, source = _step_seconds(metrics, accrued_points, batch)
     return RunFigures(
         status=tracked.info.status, batch_size=batch, epochs=_param(params, "run.epochs", int) or 1,
         max_steps=_param(params, "run.max_steps", int), steps_per_epoch=steps_per_epoch, steps_done=steps_done,
         accrued_usd=accrued,
         step_seconds=step_seconds, step_source=source,
-        epoch_overhead_s=metrics.get("cost_epoch_overhead_s"), fixed_overhead_s=metrics.get("cost_fixed_overhead_s"),
-        tail_s=metrics.get("cost_tail_s"),
+        epoch_overhead_s=metrics.get(keys.EPOCH_OVERHEAD_SECONDS),
+        fixed_overhead_s=metrics.get(keys.FIXED_OVERHEAD_SECONDS), tail_s=metrics.get(keys.TAIL_SECONDS),
     )
 
 
 def _step_seconds(metrics: dict[str, float], accrued_points: list, batch: int) -> tuple[float | None, str]:
     """The run's own speed, best first: the steady speed it settled with, its latest epoch, its steps so far."""
-    if metrics.get("cost_seconds_per_sample", 0) > 0:
-        return metrics["cost_seconds_per_sample"] * batch, "this run's measured steady speed"
-    if metrics.get("samples_per_second", 0) > 0:
-        return batch / metrics["samples_per_second"], "this run's latest epoch"
-    # During its first epoch the meter logs cost_accrued_usd every tenth of the epoch: steps over time between
+    if metrics.get(keys.SECONDS_PER_SAMPLE, 0) > 0:
+        return metrics[keys.SECONDS_PER_SAMPLE] * batch, "this run's measured steady speed"
+    if metrics.get(keys.SAMPLES_PER_SECOND, 0) > 0:
+        return batch / metrics[keys.SAMPLES_PER_SECOND], "this run's latest epoch"
+    # In each epoch the meter logs cost/accrued_usd every tenth of the epoch: steps over time between
     # them, within this attempt only (a resumed run's earlier points are separated by the time it was down).
     points = sorted(accrued_points, key=lambda point: point.timestamp)
     first = len(points) - 1
@@ -283,7 +284,7 @@ def _forecast(tracked: Run, flow_run_id: str | None, figures: RunFigures, speed:
         cheapest_additional_usd=cheapest, saving_usd=additional.usd - cheapest, cap_micros=cap_micros,
         cap_usd=usd_float(cap_micros) if cap_micros is not None else None,
         within_cap=(to_micros(forecast_usd) <= cap_micros) if cap_micros is not None else None,
-        meter_forecast_usd=tracked.data.metrics.get("cost_forecast_usd") if figures.running else None,
+        meter_forecast_usd=tracked.data.metrics.get(keys.COST_FORECAST) if figures.running else None,
         notes=notes, summary="",
     )
     return forecast.model_copy(update={"summary": _describe_forecast(forecast)})

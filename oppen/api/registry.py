@@ -22,6 +22,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field
 
+from oppen import tracking_keys as keys
 from oppen.api import context
 from oppen.api.errors import InvalidInput, NotFound, Refused
 from oppen.api.recommendations import find_run
@@ -172,15 +173,15 @@ def _score_of(run: Run) -> tuple[str, float, bool]:
     workload = run.data.tags.get("oppen.workload", "")
     known = [TEST_METRICS[workload]] if workload in TEST_METRICS else list(TEST_METRICS.values())
     for metric, higher_is_better in known:
-        if metric in run.data.metrics:
-            return metric, run.data.metrics[metric], higher_is_better
+        if keys.metric_key(metric) in run.data.metrics:
+            return metric, run.data.metrics[keys.metric_key(metric)], higher_is_better
     wanted = " or ".join(metric for metric, _ in known)
     raise Refused(f"run {run.info.run_id} has no {wanted} metric (its test pass did not run), so its version would "
                   "carry no score to promote by; register a run that finished training")
 
 
 def _model_uri(client: MlflowClient, run: Run) -> str:
-    """The model the run logged (the flows log one, named `model`), as a models:/ URI."""
+    """The model the run logged (the flows log one, named after the model: mnist-cnn), as a models:/ URI."""
     logged = client.search_logged_models([run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run.info.run_id}'")
     ready = [model for model in logged if str(model.status).endswith("READY")] or list(logged)
@@ -202,7 +203,8 @@ def _register(settings: OppenSettings, name: str, model_uri: str, metric: str, v
 
 
 def _versions(client: MlflowClient, filter_string: str) -> list[ModelVersion]:
-    return list(client.search_model_versions(filter_string))
+    """The matching versions, each read whole: MLflow's search results leave out their aliases."""
+    return [client.get_model_version(found.name, found.version) for found in client.search_model_versions(filter_string)]
 
 
 def _require_model(client: MlflowClient, name: str) -> None:

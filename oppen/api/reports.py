@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from oppen import tracking_keys as keys
 from oppen.api import context
 from oppen.api.errors import InvalidInput, NotFound
 from oppen.cost.ledger import Ledger, month_of, utcnow
@@ -301,9 +302,9 @@ def quality_of(client: MlflowClient, run_ids: Iterable[str | None]) -> dict[str,
             max_results=len(chunk))
         for run in found:
             metrics = run.data.metrics
-            key = next((key for key in QUALITY_METRICS if key in metrics), None)
-            if key is not None:
-                quality[run.info.run_id] = (key, metrics[key], metrics.get("cost_per_point_usd"))
+            name = next((name for name in QUALITY_METRICS if keys.metric_key(name) in metrics), None)
+            if name is not None:
+                quality[run.info.run_id] = (name, metrics[keys.metric_key(name)], metrics.get(keys.COST_PER_POINT))
     return quality
 
 
@@ -385,7 +386,7 @@ def get_resource_utilization_report(start: datetime | date | None = None, end: d
     client = context.mlflow()
     names = {e.experiment_id: e.name for e in client.search_experiments()}
     clauses = [
-        "tags.`oppen.workload` IS NOT NULL", "metrics.cost_usd >= 0", "attributes.status != 'RUNNING'",
+        "tags.`oppen.workload` IS NOT NULL", f"metrics.`{keys.COST_TOTAL}` >= 0", "attributes.status != 'RUNNING'",
         f"attributes.start_time >= {int(since.timestamp() * 1000)}", f"attributes.start_time < {int(until.timestamp() * 1000)}",
     ]
     if team:
@@ -405,25 +406,25 @@ def run_utilization(run, experiment: str) -> RunUtilization:
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     gpus = int(_param(params, "cost.resources.gpus", float, 0))
     cores = _param(params, "cost.resources.cpu_cores", float, 1.0)
-    gpu_mean = metrics.get("util_gpu_mean")
-    cpu_mean = metrics.get("util_cpu_cores_mean")
+    gpu_mean = metrics.get(keys.GPU_UTIL_MEAN)
+    cpu_mean = metrics.get(keys.CPU_CORES_MEAN)
     if gpus:
         device, utilization = "gpu", gpu_mean
     else:
         device, utilization = "cpu", (cpu_mean / cores) if cpu_mean is not None and cores else None
     utilization = None if utilization is None else min(1.0, max(0.0, utilization))
-    cost = to_micros(metrics["cost_usd"])
+    cost = to_micros(metrics[keys.COST_TOTAL])
     idle = None if utilization is None else round(cost * (1 - utilization))
     return RunUtilization(
         mlflow_run_id=run.info.run_id, flow_run_id=tags.get("prefect.flow_run_id"), experiment=experiment,
         team=tags.get("oppen.team"), workload=tags.get("oppen.workload", ""), status=run.info.status,
         started_at=datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc),
-        seconds=metrics.get("cost_peak_seconds", 0.0) + metrics.get("cost_off_peak_seconds", 0.0),
+        seconds=metrics.get(keys.PEAK_SECONDS, 0.0) + metrics.get(keys.OFF_PEAK_SECONDS, 0.0),
         gpus=gpus, gpu_type=_param(params, "cost.resources.gpu_type", str, None), cpu_cores=cores,
         memory_gib=_param(params, "cost.resources.memory_gib", float, 0.0),
-        cpu_cores_mean=cpu_mean, cpu_cores_peak=metrics.get("util_cpu_cores_peak"),
-        memory_peak_gib=metrics.get("util_memory_peak_gib"), gpu_util_mean=gpu_mean,
-        gpu_memory_peak_gib=metrics.get("util_gpu_memory_peak_gib"), billed_device=device, utilization=utilization,
+        cpu_cores_mean=cpu_mean, cpu_cores_peak=metrics.get(keys.CPU_CORES_PEAK),
+        memory_peak_gib=metrics.get(keys.MEMORY_PEAK_GIB), gpu_util_mean=gpu_mean,
+        gpu_memory_peak_gib=metrics.get(keys.GPU_MEMORY_PEAK_GIB), billed_device=device, utilization=utilization,
         cost_micros=cost, cost_usd=usd_float(cost), idle_micros=idle, idle_usd=None if idle is None else usd_float(idle),
     )
 

@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
+from oppen import tracking_keys as keys
 from oppen.api import context
 from oppen.api.errors import InvalidInput, NotFound
 from oppen.api.experiments import FLOW_RUN_TAG, metric_group
@@ -103,7 +104,7 @@ class RunCost(BaseModel):
                                              "perplexity below the untrained baseline).")
     epoch_costs: list[EpochCost] = Field(description="The cost at each epoch's end.")
     mlflow_metrics: dict[str, float] = Field(description="Every cost figure MLflow holds for the run (cost_*, "
-                                             "quote_*, spot_*, resource hours).")
+                                             "cost/*: the settlement's figures, resource hours).")
     summary: str = Field(description="One line for a person.")
 
 
@@ -180,7 +181,7 @@ def run_cost_of(flow_run_id: str | None, booked: dict | None, queued: QueueHold 
     quote = booked["quote_micros"] if booked else queued.quote_micros if queued else None
     cap = booked["cap_micros"] if booked else None
     metrics = tracked.data.metrics if tracked else {}
-    mlflow_cost = metrics.get("cost_usd")
+    mlflow_cost = metrics.get(keys.COST_TOTAL)
     mlflow_micros = to_micros(mlflow_cost) if mlflow_cost is not None and math.isfinite(mlflow_cost) else None
     status = booked["status"] if booked else "queued" if waiting else (queued.status if queued else "unbooked")
     tags = tracked.data.tags if tracked else {}
@@ -195,8 +196,8 @@ def run_cost_of(flow_run_id: str | None, booked: dict | None, queued: QueueHold 
         spent_micros=spent, spent_usd=usd_float(spent), held_micros=held, held_usd=usd_float(held),
         attempts=attempts, charges=charges, mlflow_cost_usd=mlflow_cost, mlflow_cost_micros=mlflow_micros,
         agrees_with_ledger=(mlflow_micros == spent) if booked and mlflow_micros is not None else None,
-        quote_error=metrics.get("cost_quote_error"), forecast_after_epoch1_usd=metrics.get("cost_forecast_epoch1_usd"),
-        forecast_error=metrics.get("cost_forecast_error"), cost_per_point_usd=metrics.get("cost_per_point_usd"),
+        quote_error=metrics.get(keys.COST_QUOTE_ERROR), forecast_after_epoch1_usd=metrics.get(keys.COST_FORECAST_EPOCH1),
+        forecast_error=metrics.get(keys.COST_FORECAST_ERROR), cost_per_point_usd=metrics.get(keys.COST_PER_POINT),
         epoch_costs=epochs,
         mlflow_metrics={key: value for key, value in sorted(metrics.items()) if metric_group(key) == "cost"},
         summary="",
@@ -223,17 +224,17 @@ def describe(cost: RunCost) -> str:
 
 
 def _epoch_history(client: MlflowClient, run: Run) -> list[EpochCost]:
-    """cost_epoch_usd is cumulative at each epoch's end; the difference of two is an epoch's own cost."""
-    if "cost_epoch_usd" not in run.data.metrics:
+    """cost/epoch_usd is each epoch's own cost; cost/accrued_usd at the same step is the run's total by then."""
+    if keys.COST_EPOCH not in run.data.metrics:
         return []
-    points = sorted(client.get_metric_history(run.info.run_id, "cost_epoch_usd"), key=lambda m: (m.step, m.timestamp))
-    steps_per_epoch = int(run.data.metrics.get("shape_steps_per_epoch") or 0)
-    epochs, previous = [], 0.0
+    points = sorted(client.get_metric_history(run.info.run_id, keys.COST_EPOCH), key=lambda m: (m.step, m.timestamp))
+    accrued = {m.step: m.value for m in client.get_metric_history(run.info.run_id, keys.COST_ACCRUED)}
+    steps_per_epoch = int(run.data.params.get(keys.STEPS_PER_EPOCH_PARAM, "0") or 0)
+    epochs, cumulative = [], 0.0
     for index, point in enumerate(points, start=1):
         epoch = math.ceil(point.step / steps_per_epoch) if steps_per_epoch else index
-        epochs.append(EpochCost(epoch=epoch, step=point.step, cumulative_usd=point.value,
-                                epoch_usd=max(0.0, point.value - previous)))
-        previous = point.value
+        cumulative = accrued.get(point.step, cumulative + point.value)
+        epochs.append(EpochCost(epoch=epoch, step=point.step, cumulative_usd=cumulative, epoch_usd=point.value))
     return epochs
 
 

@@ -2,10 +2,10 @@
 
     state      Prefect's state of the flow run (type, name, message)
     progress   step and epoch, from the MLflow run's metric history and config (steps per epoch is the
-               quote's `shape_steps_per_epoch`), and the Prefect progress artifact, which moves every
+               param `shape.steps_per_epoch`), and the Prefect progress artifact, which moves every
                few seconds where MLflow's step-level points are sparse after the first epoch
-    cost       the ledger's attempts (held, spent) and the meter's running total (cost_accrued_usd)
-    forecast   the meter's latest forecast of the run's total (cost_forecast_usd) against its cap
+    cost       the ledger's attempts (held, spent) and the meter's running total (cost/accrued_usd)
+    forecast   the meter's latest forecast of the run's total (cost/forecast_usd) against its cap
     logs       the last lines of the flow run's log, from Prefect's logs API
 """
 
@@ -32,6 +32,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import ArtifactSort, LogSort
 from pydantic import BaseModel, ConfigDict, Field
 
+from oppen import tracking_keys as keys
 from oppen.api import context
 from oppen.api.errors import InvalidInput
 from oppen.api.experiments import prefect_flow_run_url, run_url
@@ -45,7 +46,7 @@ from tasks.run_events import MLFLOW_TAG_PREFIX
 MAX_LOG_LINES = 500
 # Metrics logged at the step they describe, sparse enough to read whole: one point per epoch, per
 # forecast (a few in the first epoch) or per attempt. The step loss (every log_every_steps) is not read.
-STEP_METRICS = ("epoch", "cost_accrued_usd", "steps_completed")
+STEP_METRICS = (keys.EPOCHS_DONE, keys.COST_ACCRUED, keys.STEPS_COMPLETED)
 
 
 class RunState(BaseModel):
@@ -87,9 +88,9 @@ class CostSoFar(BaseModel):
     held_micros: Micros = Field(description="Held now (the running attempt's hold, or a queued run's queue hold).")
     held_usd: float = Field(description="The same, in dollars.")
     accrued_usd: float | None = Field(description="The meter's running total, earlier attempts included (MLflow "
-                                      "cost_accrued_usd; cost_usd once settled).")
-    accrued_at_step: int | None = Field(description="The step that total was logged at (the meter logs it a few times "
-                                        "in the first epoch, then at each epoch's end); None once settled.")
+                                      "cost/accrued_usd; cost/usd once settled).")
+    accrued_at_step: int | None = Field(description="The step that total was logged at (the meter logs it ten times "
+                                        "an epoch and at each epoch's end); None once settled.")
     quote_micros: Micros | None = Field(description="The expected cost it was quoted, in micro-dollars.")
     quote_usd: float | None = Field(description="The same, in dollars.")
     attempts: list[AttemptCost] = Field(description="The ledger's attempts of this run.")
@@ -101,7 +102,7 @@ class CostForecast(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     forecast_usd: float | None = Field(description="The meter's latest forecast of the run's total "
-                                       "(cost_forecast_usd).")
+                                       "(cost/forecast_usd).")
     at_step: int | None = Field(description="The step that forecast was made at.")
     cap_micros: Micros | None = Field(description="The run's cap (cost.max_cost_usd), in micro-dollars.")
     cap_usd: float | None = Field(description="The same, in dollars.")
@@ -232,13 +233,13 @@ def _cost_so_far(view: _View) -> CostSoFar:
     held = sum(a.held_micros for a in view.attempts) + (queued.held_micros if queued and queued.status == HELD else 0)
     quote = booked["quote_micros"] if booked else queued.quote_micros if queued else None
     metrics = view.tracked.data.metrics if view.tracked else {}
-    # cost_usd is the run's total at its last settle; while an attempt runs (a resumed run's second, say),
+    # cost/usd is the run's total at its last settle; while an attempt runs (a resumed run's second, say),
     # the meter's running total is the newer figure.
-    settled = "cost_usd" in metrics and not any(attempt.status == RUNNING for attempt in view.attempts)
+    settled = keys.COST_TOTAL in metrics and not any(attempt.status == RUNNING for attempt in view.attempts)
     return CostSoFar(
         spent_micros=spent, spent_usd=usd_float(spent), held_micros=held, held_usd=usd_float(held),
-        accrued_usd=metrics["cost_usd"] if settled else metrics.get("cost_accrued_usd"),
-        accrued_at_step=None if settled else _last_step(view.history.get("cost_accrued_usd")),
+        accrued_usd=metrics[keys.COST_TOTAL] if settled else metrics.get(keys.COST_ACCRUED),
+        accrued_at_step=None if settled else _last_step(view.history.get(keys.COST_ACCRUED)),
         quote_micros=quote, quote_usd=usd_float(quote) if quote is not None else None, attempts=view.attempts,
     )
 
@@ -322,7 +323,7 @@ def progress_of(run: Run | None, history: dict[str, list[Metric]], parameters: d
     epochs = _int(params.get("run.epochs")) or _int(asked.get("epochs"))
     max_steps = _int(params.get("run.max_steps")) or _int(asked.get("max_steps"))
     metrics = run.data.metrics if run else {}
-    steps_per_epoch = _int(metrics.get("shape_steps_per_epoch"))
+    steps_per_epoch = _int(params.get(keys.STEPS_PER_EPOCH_PARAM))
     total_steps = None
     if steps_per_epoch and epochs:
         total_steps = min(epochs * steps_per_epoch, max_steps) if max_steps else epochs * steps_per_epoch
@@ -336,10 +337,10 @@ def progress_of(run: Run | None, history: dict[str, list[Metric]], parameters: d
             step, source = from_artifact, "prefect-artifact"
     return Progress(
         step=step, total_steps=total_steps, epoch=step / steps_per_epoch if steps_per_epoch else None,
-        epochs_completed=int(metrics.get("epoch", 0)),
+        epochs_completed=int(metrics.get(keys.EPOCHS_DONE, 0)),
         total_epochs=math.ceil(total_steps / steps_per_epoch) if total_steps and steps_per_epoch else epochs,
         fraction=min(1.0, step / total_steps) if total_steps else None,
-        train_loss=metrics.get("train_loss_step", metrics.get("train_loss")), source=source,
+        train_loss=metrics.get(keys.TRAIN_LOSS, metrics.get(keys.TRAIN_EPOCH_LOSS)), source=source,
     )
 
 
@@ -350,14 +351,21 @@ def _forecast(run: Run | None, history: dict[str, list[Metric]], booked: dict | 
     if cap is None and isinstance(asked_cap, (int, float)) and not isinstance(asked_cap, bool):
         cap = to_micros(asked_cap, ceiling=True)  # a queued run's cap, as the ledger will record it
     metrics = run.data.metrics if run else {}
-    forecast = metrics.get("cost_forecast_usd")
+    forecast = metrics.get(keys.COST_FORECAST)
     # The meter logs each forecast with the running total, at the same step.
-    at_step = _last_step(history.get("cost_accrued_usd")) if forecast is not None else None
+    at_step = _last_step(history.get(keys.COST_ACCRUED)) if forecast is not None else None
     return CostForecast(
         forecast_usd=forecast, at_step=at_step, cap_micros=cap, cap_usd=usd_float(cap) if cap is not None else None,
         fraction_of_cap=forecast / usd_float(cap) if forecast is not None and cap else None,
-        quote_p90_usd=metrics.get("quote_p90_usd"),
+        quote_p90_usd=_float(run.data.params.get(keys.QUOTE_P90_PARAM)) if run else None,
     )
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value) if value not in (None, "", "None") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _int(value: Any) -> int | None:

@@ -33,6 +33,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from oppen.cost import queue_holds as queued
 from oppen.cost.ledger_schema import attempts, charges, metadata, queue_holds, runs, team_budgets, teams
+from oppen.display import percent
 from oppen.cost.money import Micros, format_usd, to_micros, to_usd
 from oppen.errors import RequestError
 
@@ -79,7 +80,7 @@ class BudgetUse:
     def describe(self) -> str:
         return (
             f"{self.scope} ({self.period}) budget {format_usd(self.amount_micros)}: {format_usd(self.used_micros)} used, "
-            f"{format_usd(self.request_micros)} requested ({self.fraction_after:.0%} after)"
+            f"{format_usd(self.request_micros)} requested ({percent(self.fraction_after)} used after)"
         )
 
 

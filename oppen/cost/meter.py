@@ -76,7 +76,8 @@ class ForecastPoint:
     epoch: float  # fractional: 0.4 = 40% through epoch 1
     accrued_usd: float  # the run so far, earlier attempts included
     forecast_usd: float  # the run's expected total
-    basis: str  # "steps" (during epoch 1) or "epochs"
+    basis: str  # "steps" (within an epoch) or "epochs" (at an epoch's end)
+    epoch_usd: float | None = None  # at an epoch's end: what that epoch cost on its own
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class CostMeter(Callback):
         start: float | None = None,
         on_event: Callable[[CostEvent], None] | None = None,
         on_forecast: Callable[[ForecastPoint], None] | None = None,
-        forecasts_per_first_epoch: int = 10,
+        forecasts_per_epoch: int = 10,
         thresholds: tuple[float, ...] = THRESHOLDS,
         slow_factor: float | None = None,
     ) -> None:
@@ -155,7 +156,7 @@ class CostMeter(Callback):
         self.monotonic = monotonic or (time.monotonic if clock is None else (lambda: self.clock().timestamp()))
         self.on_event = on_event
         self.on_forecast = on_forecast
-        self.forecasts_per_first_epoch = forecasts_per_first_epoch
+        self.forecasts_per_epoch = forecasts_per_epoch
         self.thresholds = thresholds
         # An epoch over slow_factor x what the speed history expects is reported once (None: the
         # expectation is a calibration's, too rough to call a run slow against).
@@ -180,6 +181,7 @@ class CostMeter(Callback):
         self.tail_reserve_usd = 0.0  # priced when the limit stops the run
         self.epoch_ends_done = 0
         self._step_started_usd = 0.0
+        self._epoch_started_run_usd = prior_usd
         self._attempt_steps = 0
         self._estimate: tuple[int, float] | None = None  # (walls seen, estimate)
 
@@ -248,7 +250,7 @@ class CostMeter(Callback):
             epoch_ends_done=self.epoch_ends_done,
         )
 
-    def forecast_now(self, now: datetime, step: int, basis: str) -> ForecastPoint | None:
+    def forecast_now(self, now: datetime, step: int, basis: str, epoch_usd: float | None = None) -> ForecastPoint | None:
         left = self.remaining_seconds(step)
         if left is None or self.info is None:
             return None
@@ -259,6 +261,7 @@ class CostMeter(Callback):
             # The expected tail, not the padded reserve: a forecast is a best guess, the cap a ceiling.
             forecast_usd=forecast_total_usd(self.run_usd, now, left + self.tail_seconds, self.price),
             basis=basis,
+            epoch_usd=epoch_usd,
         )
         self.forecasts.append(point)
         if self.on_forecast:
@@ -280,6 +283,7 @@ class CostMeter(Callback):
         self.timing.pending_overhead_from = None
         self._attempt_steps = 0
         self._epoch_start_step = info.start_step
+        self._epoch_started_run_usd = self.run_usd  # an epoch's own cost is counted from here
         if info.start_step:
             self.reported_slow = True  # a resumed epoch's time is partial: not comparable with the history
 
@@ -315,8 +319,9 @@ class CostMeter(Callback):
         elif step.step_seconds is not None:
             self.timing.step_walls.append(step.step_seconds)  # first step of an attempt: its own compute time
         self.timing.last_step_end = mono
-        if self.epoch_ends_done == 0 and self.info is not None:
-            every = max(1, self.info.steps_per_epoch // self.forecasts_per_first_epoch)
+        if self.info is not None:
+            # Through every epoch, not only the first: the accrued cost is drawn from start to end.
+            every = max(1, self.info.steps_per_epoch // self.forecasts_per_epoch)
             if step.step % every == 0 and len(self.timing.step_walls) >= 3:
                 self.forecast_now(now, step.step, "steps")
 
@@ -331,9 +336,11 @@ class CostMeter(Callback):
         self.timing.step_walls = []
         self.timing.last_step_end = None
         self.epoch_ends_done += 1
+        epoch_usd = self.run_usd - self._epoch_started_run_usd
+        self._epoch_started_run_usd = self.run_usd
         self.epoch_costs.append((epoch.epoch, self.run_usd))
         self._check_slow(epoch)
-        self.forecast_now(now, epoch.step, "epochs")
+        self.forecast_now(now, epoch.step, "epochs", epoch_usd=epoch_usd)
 
     def on_train_end(self, result: TrainResult, control: LoopControl) -> None:
         self.tick()

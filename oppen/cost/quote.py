@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict
 
+from oppen.cost.money import format_usd_amount
 from oppen.cost.price_book import PriceBook, Resources, on_demand_hourly_usd
 from oppen.cost.pricing import price_interval
 from oppen.cost.speed import RunShape, SpeedEstimate, epoch_seconds, expected_seconds
@@ -36,9 +37,10 @@ class Quote(BaseModel):
     def summary(self) -> str:
         when = "now" if self.cheapest_start <= self.start else self.cheapest_start.isoformat(timespec="minutes")
         return (
-            f"expected ${self.expected_usd:.6f} (p90 ${self.p90_usd:.6f}) for {self.expected_seconds:.0f}s "
-            f"({self.speed.source}, {self.speed.observations} obs); ${self.cost_per_epoch_usd:.6f}/epoch; "
-            f"cheapest start {when}: ${self.cheapest_usd:.6f} (saves ${self.saving_usd:.6f})"
+            f"expected {format_usd_amount(self.expected_usd)} (p90 {format_usd_amount(self.p90_usd)}) for "
+            f"{self.expected_seconds:.0f}s ({self.speed.source}, {self.speed.observations} obs); "
+            f"{format_usd_amount(self.cost_per_epoch_usd)}/epoch; cheapest start {when}: "
+            f"{format_usd_amount(self.cheapest_usd)} (saves {format_usd_amount(self.saving_usd)})"
         )
 
 

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from oppen.display import usd
+
 COLUMNS = [
     "created_at", "team", "experiment", "workload", "status", "attempts", "quote_usd", "actual_usd", "actual_micros",
     "metric", "value", "cost_per_point_usd", "mlflow_run_id", "reservation_id",
@@ -64,13 +66,20 @@ def trend(frame: pd.DataFrame, min_runs: int = 3) -> tuple[str, float | None]:
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub-style table (pandas' to_markdown needs tabulate, which we do not ship)."""
-    def cell(value) -> str:
+    """A GitHub-style table (pandas' to_markdown needs tabulate, which we do not ship), for people:
+    dollar columns (`*_usd`) in Oppen's money format, column names in words."""
+    def cell(column: str, value) -> str:
         if isinstance(value, float):
-            return "" if np.isnan(value) else f"{value:,.6f}"
+            if np.isnan(value):
+                return ""
+            return usd(value) if column.endswith("_usd") else f"{value:,.4g}"
         return str(value)
 
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    def title(column: str) -> str:
+        return column.removesuffix("_usd").replace("_", " ") + (" ($)" if column.endswith("_usd") else "")
+
+    header = "| " + " | ".join(title(str(c)) for c in frame.columns) + " |"
     rule = "|" + " --- |" * len(frame.columns)
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    body = ["| " + " | ".join(cell(str(c), v) for c, v in zip(frame.columns, row)) + " |"
+            for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from oppen import tracking_keys as keys
 from oppen.cost.forecast import relative_error
 from oppen.cost.meter import CostMeter
 from oppen.cost.money import to_micros, usd_float
@@ -52,7 +53,7 @@ class RunCost(BaseModel):
     spot_interruptions: int
     spot_lost_seconds: float
     spot_lost_usd: float
-    epoch_costs: list[tuple[int, float]]
+    epoch_costs: list[tuple[int, float]]  # (epoch, the run's cumulative USD at its end)
     utilization: dict[str, float]
     stop_reason: str | None
 
@@ -75,33 +76,41 @@ class RunCost(BaseModel):
             per_point = self.cost_per_point_usd * run_cost_micros / self.run_cost_micros
         return self.model_copy(update={"run_cost_micros": run_cost_micros, "cost_per_point_usd": per_point})
 
+    @property
+    def before_training_usd(self) -> float:
+        """This attempt's cost before its first step: waiting for data, loading, quoting (a calibration)."""
+        return max(0.0, self.at_training_end_usd - self.training_usd)
+
+    @property
+    def after_training_usd(self) -> float:
+        """This attempt's cost after its last step: the test pass, logging and registering the model, settling."""
+        return max(0.0, self.attempt_cost_usd - self.at_training_end_usd)
+
     def mlflow_metrics(self) -> dict[str, float]:
+        """The settlement's figures under their MLflow keys (cost/...); the cap and the quote are params."""
         values: dict[str, float | None] = {
-            "cost_usd": self.cost_usd,
-            "cost_attempt_usd": self.attempt_cost_usd,
-            "cost_attempts": float(self.attempt),
-            "cost_training_usd": self.training_usd,
-            "cost_on_demand_usd": self.on_demand_usd,
-            "cost_saving_usd": self.on_demand_usd - self.attempt_cost_usd,
-            "gpu_hours": self.gpu_hours,
-            "cpu_hours": self.cpu_hours,
-            "memory_gib_hours": self.memory_gib_hours,
-            "cost_off_peak_seconds": self.off_peak_seconds,
-            "cost_peak_seconds": self.peak_seconds,
-            "cost_quote_expected_usd": self.quote_expected_usd,
-            "cost_quote_error": self.quote_error,
-            "cost_forecast_epoch1_usd": self.forecast_after_epoch1_usd,
-            "cost_forecast_error": self.forecast_error,
-            "cost_per_point_usd": self.cost_per_point_usd,
-            "cost_cap_overshoot_usd": self.cap_overshoot_usd,
-            "cost_cap_usd": self.cap_usd,
-            "cost_limit_usd": self.limit_usd,
-            "cost_at_training_end_usd": self.at_training_end_usd,
-            "cost_tail_reserve_usd": self.tail_reserve_usd,
-            "cost_max_step_usd": self.max_step_usd,
-            "spot_interruptions": float(self.spot_interruptions),
-            "spot_lost_seconds": self.spot_lost_seconds,
-            "spot_lost_usd": self.spot_lost_usd,
+            keys.COST_TOTAL: self.cost_usd,
+            keys.COST_ATTEMPT: self.attempt_cost_usd,
+            keys.COST_ATTEMPTS: float(self.attempt),
+            keys.COST_TRAINING: self.training_usd,
+            keys.COST_ON_DEMAND: self.on_demand_usd,
+            keys.COST_SAVING: self.on_demand_usd - self.attempt_cost_usd,
+            keys.GPU_HOURS: self.gpu_hours,
+            keys.CPU_CORE_HOURS: self.cpu_hours,
+            keys.MEMORY_GIB_HOURS: self.memory_gib_hours,
+            keys.OFF_PEAK_SECONDS: self.off_peak_seconds,
+            keys.PEAK_SECONDS: self.peak_seconds,
+            keys.COST_QUOTE_ERROR: self.quote_error,
+            keys.COST_FORECAST_EPOCH1: self.forecast_after_epoch1_usd,
+            keys.COST_FORECAST_ERROR: self.forecast_error,
+            keys.COST_PER_POINT: self.cost_per_point_usd,
+            keys.COST_CAP_OVERSHOOT: self.cap_overshoot_usd,
+            keys.COST_LIMIT: self.limit_usd,
+            keys.COST_AT_TRAINING_END: self.at_training_end_usd,
+            keys.COST_TAIL_RESERVE: self.tail_reserve_usd,
+            keys.COST_MAX_STEP: self.max_step_usd,
+            **({keys.SPOT_INTERRUPTIONS: float(self.spot_interruptions), keys.SPOT_LOST_SECONDS: self.spot_lost_seconds,
+                keys.SPOT_LOST_USD: self.spot_lost_usd} if self.spot else {}),
             **self.utilization,
         }
         return {key: float(value) for key, value in values.items() if value is not None}
@@ -195,42 +204,3 @@ def settle_from_meter(
         utilization=utilization.as_metrics() if utilization else {},
         stop_reason=stop_reason,
     )
-
-
-def render_cost_markdown(cost: RunCost, title: str) -> str:
-    def usd(value: float | None) -> str:
-        return "n/a" if value is None else f"${value:,.6f}"
-
-    def pct(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:+.1%}"
-
-    lines = [
-        f"# Cost of {title}",
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| status | {cost.status}{' (' + cost.stop_reason + ')' if cost.stop_reason else ''} |",
-        f"| cost | **{usd(cost.cost_usd)}** (training {usd(cost.training_usd)}) |",
-        *([f"| attempts | {cost.attempt}: this one {usd(cost.attempt_cost_usd)}, earlier ones {usd(cost.cost_usd - cost.attempt_cost_usd)} |"]
-          if cost.attempt > 1 else []),
-        f"| booked to | {', '.join(f'{month}: {usd(micros / 1e6)}' for month, micros in cost.charges_micros.items()) or 'nothing'} |",
-        f"| at on-demand prices | {usd(cost.on_demand_usd)} (saved {usd(cost.on_demand_usd - cost.attempt_cost_usd)}) |",
-        f"| time | {cost.seconds:.1f} s ({cost.off_peak_seconds:.1f} s off-peak) |",
-        f"| GPU-hours / CPU core-hours / GiB-hours | {cost.gpu_hours:.6f} / {cost.cpu_hours:.6f} / {cost.memory_gib_hours:.6f} |",
-        f"| quote (expected / p90) | {usd(cost.quote_expected_usd)} / {usd(cost.quote_p90_usd)}, error {pct(cost.quote_error)} |",
-        f"| forecast after epoch 1 | {usd(cost.forecast_after_epoch1_usd)}, error {pct(cost.forecast_error)} |",
-        f"| cap | {usd(cost.cap_usd)}; this attempt's limit {usd(cost.limit_usd)}"
-        f"{', overshoot ' + usd(cost.cap_overshoot_usd) if cost.cap_overshoot_usd is not None else ''} "
-        f"(largest step {usd(cost.max_step_usd)}) |",
-        f"| {cost.metric_name or 'metric'} | {'n/a' if cost.metric_value is None else f'{cost.metric_value:.4f}'} |",
-        f"| cost per quality point | {usd(cost.cost_per_point_usd)} |",
-    ]
-    if cost.spot:
-        lines.append(
-            f"| spot | {cost.spot_interruptions} interruptions, {cost.spot_lost_seconds:.1f} s lost "
-            f"({usd(cost.spot_lost_usd)}) |"
-        )
-    if cost.epoch_costs:
-        lines += ["", "| epoch | cumulative cost |", "| --- | --- |"]
-        lines += [f"| {epoch} | {usd(value)} |" for epoch, value in cost.epoch_costs]
-    return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from oppen import tracking_keys as keys
 from training.callbacks import Callback, LoopControl, RunInfo, StepInfo
 from training.results import TrainResult
 
@@ -28,14 +29,14 @@ class Utilization:
 
     def as_metrics(self) -> dict[str, float]:
         metrics = {
-            "util_cpu_cores_mean": self.cpu_cores_mean,
-            "util_cpu_cores_peak": self.cpu_cores_peak,
-            "util_memory_peak_gib": self.memory_peak_gib,
+            keys.CPU_CORES_MEAN: self.cpu_cores_mean,
+            keys.CPU_CORES_PEAK: self.cpu_cores_peak,
+            keys.MEMORY_PEAK_GIB: self.memory_peak_gib,
         }
         if self.gpu_util_mean is not None:
-            metrics["util_gpu_mean"] = self.gpu_util_mean
+            metrics[keys.GPU_UTIL_MEAN] = self.gpu_util_mean
         if self.gpu_memory_peak_gib is not None:
-            metrics["util_gpu_memory_peak_gib"] = self.gpu_memory_peak_gib
+            metrics[keys.GPU_MEMORY_PEAK_GIB] = self.gpu_memory_peak_gib
         return metrics
 
 

@@ -9,14 +9,13 @@ is escaped: a run named `<!channel>` must not ping a channel.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from oppen.cost.money import format_usd, to_micros
+from oppen.display import metric_text, percent, usd  # noqa: F401 (re-exported: the Slack blocks' formats)
 from oppen.events import (
     BUDGET_REFUSED,
     BUDGET_STOPPED,
@@ -139,34 +138,6 @@ class CostRow(BaseModel):
 
 
 # --- formatting -------------------------------------------------------------------------------
-
-
-def usd(value: float | None) -> str:
-    """Oppen's dollar format (the CLI's and the Completed message's): every micro-dollar under $1, cents above."""
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    sign = "-" if value < 0 else ""  # a refund or correction; money.to_micros refuses negatives
-    return sign + format_usd(to_micros(abs(value)))
-
-
-def percent(fraction: float | None) -> str:
-    if fraction is None or not math.isfinite(fraction):
-        return "n/a"
-    if 0 < fraction < 0.001:
-        return "<0.1%"  # "0.0%" would read as "nothing used"
-    return f"{fraction:.1%}"
-
-
-def metric_text(name: str | None, value: float) -> str:
-    """Accuracy as a percentage, perplexity to one decimal, anything else to four."""
-    if not math.isfinite(value):
-        return str(value)  # a diverged run's nan or inf, said plainly
-    lowered = (name or "").lower()
-    if "accuracy" in lowered:
-        return f"{value:.2%}"
-    if "perplexity" in lowered:
-        return f"{value:.1f}"
-    return f"{value:.4f}"
 
 
 def escape(text: str) -> str:
