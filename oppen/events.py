@@ -1,24 +1,28 @@
 """Oppen's event catalog: every Prefect event Oppen emits, its resource, related resources and payload.
 
 Automations (automations.yaml), deployment triggers (prefect.yaml), Slack messages and the README
-all read these names from here. Two kinds of primary resource:
+all read these names from here. Three kinds of primary resource:
 
 - a run: `oppen.run.<flow run id>`, labelled with its team, experiment and workload;
 - a model: `oppen.model.<name>`, labelled with the version and, for alias events, the alias, so an
-  automation can match "a version got `development`" on labels alone (triggers cannot match payloads).
+  automation can match "a version got `development`" on labels alone (triggers cannot match payloads);
+- an alert: `oppen.alert.<alertname>` (a Prometheus alert of infra/monitoring/rules, delivered by
+  Alertmanager to oppen/alerts), labelled with its severity, fingerprint, team and every alert label.
 
 Related resources name the flow run, its deployment, the team, the experiment and the MLflow run,
 each with a `prefect.resource.role`. Payloads carry the figures (dollars as floats, fractions 0-1)
 and `links` to the Prefect and MLflow UIs where they are known.
 
 Model events carry deterministic ids: the training flow and the MLflow webhook receiver both see
-the same registration, and Prefect keeps one event per id, so a trigger fires once.
+the same registration, and Prefect keeps one event per id, so a trigger fires once. Alert events do
+too: Alertmanager retries a delivery and repeats a firing alert, and each must reach Prefect once.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 BUDGET_WARNING = "oppen.budget.warning"
@@ -31,14 +35,20 @@ MODEL_PROMOTED = "oppen.model.promoted"
 TRAINING_SLOW = "oppen.training.slow"
 GPU_UNDERUTILIZED = "oppen.gpu.underutilized"
 NOTIFICATION_FAILED = "oppen.notification.failed"
+ALERT_FIRING = "oppen.alert.firing"
+ALERT_RESOLVED = "oppen.alert.resolved"
 
 
 @dataclass(frozen=True)
 class EventSpec:
-    resource: str  # "run" or "model"
+    resource: str  # "run", "model" or "alert"
     when: str
     payload: tuple[str, ...]
 
+
+# An alert's payload: its annotations and figures as the rule wrote them (infra/monitoring/rules).
+ALERT_PAYLOAD = ("alertname", "status", "severity", "summary", "description", "runbook_url", "starts_at", "ends_at",
+                 "value", "labels", "fingerprint", "links")
 
 CATALOG: dict[str, EventSpec] = {
     BUDGET_WARNING: EventSpec("run", "a reservation takes a team or experiment budget past its warning fraction",
@@ -63,6 +73,9 @@ CATALOG: dict[str, EventSpec] = {
                                  ("gpu_utilization", "threshold", "gpus", "advice", "links")),
     NOTIFICATION_FAILED: EventSpec("run", "a Slack message could not be delivered (after its retries)",
                                    ("channel", "error", "message_kind", "links")),
+    ALERT_FIRING: EventSpec("alert", "Alertmanager reports an Oppen alert firing (once per alert and start)",
+                            ALERT_PAYLOAD),
+    ALERT_RESOLVED: EventSpec("alert", "Alertmanager reports that an Oppen alert stopped firing", ALERT_PAYLOAD),
 }
 
 
@@ -81,6 +94,12 @@ def model_resource(name: str, version: int | str, alias: str | None = None) -> d
 def model_event_id(event: str, name: str, version: int | str, alias: str | None) -> uuid.UUID:
     """The same registration or alias move gets the same id, whoever reports it (flow or MLflow webhook)."""
     return uuid.uuid5(uuid.NAMESPACE_URL, f"{event}/{name}/{version}/{alias or ''}")
+
+
+def alert_event_id(fingerprint: str, status: str, starts_at: datetime) -> uuid.UUID:
+    """One id per alert (fingerprint), start and status: Alertmanager's retries and repeats of it are one event."""
+    started = starts_at.astimezone(timezone.utc).isoformat()
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"oppen.alert/{fingerprint}/{status}/{started}")
 
 
 @dataclass

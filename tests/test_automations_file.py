@@ -84,7 +84,7 @@ def test_without_slack_only_slack_only_automations_are_skipped(spec):
     planned = {plan.name: plan for plan in render_automations(spec, None)}
     skipped = {name for name, plan in planned.items() if plan.automation is None}
     assert skipped == {"oppen: budget warning", "oppen: budget refused or stopped", "oppen: training run failed",
-                       "oppen: GPU underutilized", "oppen: training slower than its history"}
+                       "oppen: GPU underutilized", "oppen: training slower than its history", "oppen: alert"}
     assert all("Slack is not configured" in planned[name].skipped_because for name in skipped)
     assert [a.type for a in planned["oppen: late run cancelled"].automation.actions] == ["change-flow-run-state"]
     assert [a.type for a in planned["oppen: pod unschedulable too long"].automation.actions] == ["change-flow-run-state"]
@@ -221,6 +221,22 @@ def _flow_run(tags: list[str]) -> FlowRunResponse:
                            infrastructure_pid="cluster:oppen:train-abc")
 
 
+def _alert_event() -> ReceivedEvent:
+    """As the Alertmanager receiver builds it (oppen/alerts/mapping.py) from a firing alert about a run."""
+    from oppen.alerts.mapping import event_for
+    from oppen.alerts.payload import Alert
+
+    alert = Alert.model_validate({
+        "status": "firing", "fingerprint": "6daedda48f8ada51", "startsAt": "2026-11-23T12:00:00Z",
+        "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "http://prometheus.test/graph?g0.expr=x",
+        "labels": {"alertname": "OppenGpuUnderutilized", "severity": "warning", "team": "vision",
+                   "experiment": "mnist", "workload": "mnist", "flow_run_id": RUN_ID},
+        "annotations": {"summary": "Run uses its GPUs at 20%.", "description": 'GPUs "idle"\n<!here> & co',
+                        "runbook_url": "https://oppen.example.com/infra/monitoring/runbooks.md#oppengpuunderutilized",
+                        "value": "20"}})
+    return ReceivedEvent(**event_for(alert).model_dump(mode="json"))
+
+
 SAMPLES = {  # payload -> (event, flow run the server would fetch)
     "budget_warning": lambda: (_run_event("oppen.budget.warning", {
         "scope": "team vision", "amount_usd": 100.0, "used_usd": 79.5, "request_usd": 3.25, "fraction": 0.8261},
@@ -237,6 +253,7 @@ SAMPLES = {  # payload -> (event, flow run the server would fetch)
     "late_run": lambda: (_flow_run_event("Late", state_type="SCHEDULED", message=""), _flow_run([])),
     "pod_unschedulable": lambda: (_flow_run_event("Unschedulable.InsufficientResources", state_type="PENDING",
                                                   message="No node has the free GPUs"), _flow_run([])),
+    "alert": lambda: (_alert_event(), _flow_run([])),
 }
 
 

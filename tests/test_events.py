@@ -40,9 +40,10 @@ def test_every_oppen_event_name_in_the_code_is_in_the_catalog():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.count(".") == 2:
                 parts = node.value.split(".")
-                labels = {"", "name", "version", "alias"}  # oppen.model.<label>: resource labels, not events
-                if parts[0] == "oppen" and parts[1] in {"budget", "cost", "model", "training", "gpu", "notification"} \
-                        and parts[2] not in labels:
+                # oppen.model.<label>, oppen.alert.<label>: resource labels, not events
+                labels = {"", "name", "version", "alias", "severity", "fingerprint"}
+                if parts[0] == "oppen" and parts[1] in {"budget", "cost", "model", "training", "gpu", "notification",
+                                                        "alert"} and parts[2] not in labels:
                     names.add(node.value)
     assert names and names <= set(CATALOG), sorted(names - set(CATALOG))
 
@@ -50,7 +51,8 @@ def test_every_oppen_event_name_in_the_code_is_in_the_catalog():
 def test_the_catalog_names_follow_prefects_grammar():
     for name, spec in CATALOG.items():
         prefix, noun, what = name.split(".")
-        assert prefix == "oppen" and noun and what and spec.resource in {"run", "model"} and "links" in spec.payload
+        assert prefix == "oppen" and noun and what and spec.resource in {"run", "model", "alert"} \
+            and "links" in spec.payload
 
 
 def test_a_run_event_names_its_flow_run_deployment_team_experiment_and_mlflow_run():

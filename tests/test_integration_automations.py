@@ -177,7 +177,7 @@ def test_apply_creates_everything_then_changes_nothing(stack, applied, capsys):
     assert {change.action for change in applied} == {"created"}
     assert ("block oppen-slack", "created") in [(c.name, c.action) for c in applied]
     before = _automations(stack)
-    assert len([name for name in before if name.startswith("oppen: ")]) == 11
+    assert len([name for name in before if name.startswith("oppen: ")]) == 12
 
     assert main(["apply", *[arg for k, v in SHORT.items() for arg in ("--set", f"{k}={v}")]]) == 0
     out = capsys.readouterr().out
