@@ -4,21 +4,38 @@ The expected cost is measured by an uncapped run of the same config in the same 
 the comparison sees the same machine state). Overshoot is reported in dollars and in steps
 (of the most expensive step the run took). Target: <= 1 step.
 
-    .venv/bin/python -m bench.budget_cap
+    .venv/bin/python -m bench.budget_cap [--max-steps N]     (or: .venv/bin/python bench/budget_cap.py)
+
+Reads MNIST from $OPPEN_MNIST_DIR, else ../shared/datasets/mnist. `--max-steps 30` is a smoke run (three
+short runs instead of three 2-epoch ones); its figures say nothing about the cap.
 """
 
 from __future__ import annotations
 
-from bench.common import table
-from bench.cost_common import metered_run, mnist
-from training.config import RunConfig
+import os
+import sys
+
+if not __package__:  # run as a file (python bench/x.py): the repository root in bench/'s place, see bench/__init__.py
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import argparse  # noqa: E402
+
+from bench.common import positive_int, table  # noqa: E402
+from bench.cost_common import metered_run, mnist  # noqa: E402
+from training.config import RunConfig  # noqa: E402
 
 RUN = RunConfig(epochs=2, batch_size=256, learning_rate=8e-3)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-steps", type=positive_int, default=None,
+                        help="stop each run here (default: 2 full epochs)")
+    args = parser.parse_args()
+    run = RUN.model_copy(update={"max_steps": args.max_steps})
     workload = mnist()
-    full = metered_run(workload, RUN)
+    full = metered_run(workload, run)
     expected = full.meter.training_usd_at_end
     step_s = full.trained.result.train_seconds / max(1, full.trained.result.steps)
     overhead = full.meter.epoch_overhead_estimate()
@@ -26,7 +43,7 @@ def main() -> None:
              "-", "-"]]
     for fraction in (0.3, 0.6):
         cap = fraction * expected
-        capped = metered_run(workload, RUN, cap_usd=cap, expected_step_seconds=step_s,
+        capped = metered_run(workload, run, cap_usd=cap, expected_step_seconds=step_s,
                              expected_epoch_overhead_seconds=overhead)
         meter, result = capped.meter, capped.trained.result
         spent = meter.training_usd_at_end

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from bench.common import mnist_dir
 from oppen.cost.meter import CostMeter
 from oppen.cost.price_book import PriceBook, Resources, load_price_book
 from oppen.cost.quote import make_quote
@@ -22,9 +23,6 @@ from training.config import RunConfig
 from training.loop import Trained, plan_total_steps, train
 from training.mnist.workload import MnistConfig, MnistWorkload
 
-ROOT = Path(__file__).resolve().parents[1]
-MNIST_DIR = ROOT.parent / "shared" / "datasets" / "mnist"
-WIKITEXT_DIR = ROOT.parent / "shared" / "datasets" / "wikitext-2"
 RESOURCES = Resources(cpu_cores=2)
 
 
@@ -47,7 +45,7 @@ class Metered:
 
 
 def mnist(seed: int = 0) -> MnistWorkload:
-    return MnistWorkload.load(MnistConfig(data_dir=MNIST_DIR), seed)
+    return MnistWorkload.load(MnistConfig(data_dir=mnist_dir()), seed)
 
 
 def calibrated_quote(book: PriceBook, workload, run: RunConfig, start: datetime, spot: bool = False):

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.ledger_stress                    # PostgreSQL from $OPPEN_TEST_POSTGRES_URL
     .venv/bin/python -m bench.ledger_stress --postgres-url postgresql+psycopg://postgres@127.0.0.1:5432/test
+    .venv/bin/python bench/ledger_stress.py --processes 3 --runs 1     (a smoke run: SQLite only, seconds)
 
 Each process runs a few fake training runs, each a real RunBudget with a real CostMeter (~10 ms
 steps), while the harness sends SIGTERMs (preemptions, then a successor process resumes the run),
@@ -10,20 +11,27 @@ publishing to MLflow fail (tests/ledger_stress_worker.py). It measures the throu
 latency of the ledger under that contention, and checks it to the micro-dollar against what the
 processes recorded: overspend (spent + held above the budget, at any sample) and double counts
 (attempts charged more than they cost) must both be 0. Times exclude the processes' start-up.
+Without a PostgreSQL URL only SQLite is measured. Needs no dataset.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import tempfile
-from pathlib import Path
 
-from oppen.cost.money import format_usd
-from tests.ledger_stress_worker import StressConfig, StressResult, run_stress
-from tests.postgres import postgres_schema
+if not __package__:  # run as a file (python bench/x.py): the repository root in bench/'s place, see bench/__init__.py
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from bench.common import positive_int, table  # noqa: E402
+from oppen.cost.money import format_usd  # noqa: E402
+from tests.ledger_stress_worker import StressConfig, StressResult, run_stress  # noqa: E402
+from tests.postgres import postgres_schema  # noqa: E402
 
 PG_ENV = "OPPEN_TEST_POSTGRES_URL"
 
@@ -41,10 +49,12 @@ def row(result: StressResult) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--postgres-url", default=os.environ.get(PG_ENV), help=f"default: ${PG_ENV}")
-    parser.add_argument("--processes", type=int, default=StressConfig.processes)
-    parser.add_argument("--runs", type=int, default=StressConfig.runs_per_process, help="runs per process")
+    parser.add_argument("--processes", type=positive_int, default=StressConfig.processes, help="at once")
+    parser.add_argument("--runs", type=positive_int, default=StressConfig.runs_per_process, help="runs per process")
     parser.add_argument("--seed", type=int, default=StressConfig.seed)
     args = parser.parse_args(argv)
+    if args.processes < StressConfig.kills:
+        parser.error(f"--processes must be at least {StressConfig.kills}: the harness SIGKILLs that many of them")
     config = StressConfig(processes=args.processes, runs_per_process=args.runs, seed=args.seed)
     results, notes = [], []
     with tempfile.TemporaryDirectory(prefix="ledger-stress-") as tmp:
@@ -57,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run_stress(url, work / "postgresql", config))
         else:
             notes.append(f"postgresql: skipped (set ${PG_ENV} or pass --postgres-url)")
-    from bench.common import table  # not at the top: it imports torch, and each child process re-imports this module
-
     print()
     print(table(["backend", "processes", "runs", "attempts", "reservations/s", "settles/s", "reserve p50 ms",
                  "reserve p95 ms", "overspend", "double counts", "preemptions", "expired", "refused", "spent",

@@ -1,6 +1,7 @@
 """Event → Slack latency: through a real server's automation, and from the flow's own notify stage.
 
-    .venv/bin/python -m bench.notify [--events 50] [--spacing 0.4]
+    .venv/bin/python -m bench.notify [--events 50] [--spacing 0.4] [--wait 60]
+    .venv/bin/python bench/notify.py ...          (the same)
 
 One real `prefect server start` (SQLite, niced as the embedded stack starts it) with automations.yaml
 applied, and a local fake Slack (tests/slack_server.py) that stamps each request's arrival on this
@@ -16,29 +17,33 @@ process's monotonic clock; the `oppen-slack` Webhook block points at it in bot-t
   whole call (task machinery and Slack's answer included) is reported too.
 
 Target: p95 ≤ 1 s. Exits 1 when any message did not arrive: a latency over fewer messages would lie.
+Needs no dataset. `--events 2 --wait 10` is a smoke run (about a minute).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
-import json
-import math
 import os
-import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from datetime import datetime
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file (python bench/x.py): the repository root in bench/'s place, see bench/__init__.py
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
-from bench.common import table  # noqa: E402
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from bench.common import positive_int, table  # noqa: E402
 from oppen.local_stack import free_port, lower_priority, prefect_server_argv, wait_prefect_healthy  # noqa: E402
 from tests.slack_server import FakeSlack  # noqa: E402
 
@@ -189,8 +194,8 @@ def server_split(api_url: str) -> tuple[dict[str, tuple[list[float], list[float]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--events", type=int, default=50)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=positive_int, default=50, help="events per path")
     parser.add_argument("--spacing", type=float, default=0.4, help="seconds between events at the spaced rate")
     parser.add_argument("--wait", type=float, default=60, help="how long to wait for late messages")
     args = parser.parse_args()

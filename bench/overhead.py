@@ -1,6 +1,6 @@
 """What the flow, cost engine included, costs on top of the bare training loop, side by side in one run.
 
-    .venv/bin/python -m bench.overhead [--repeats 3]
+    .venv/bin/python -m bench.overhead [--repeats 3] [--max-steps N]     (or: .venv/bin/python bench/overhead.py)
 
 Both paths run the same MNIST training config (the flow's defaults) and the same test
 evaluation. The flow path is the full train-mnist flow against a real `prefect server start`
@@ -14,22 +14,28 @@ quoted from history (no calibration), as every run after a request's first is.
 Outside the training loop: (wall - training) of the flow minus the same for the bare loop.
 Inside it: what the loop's callbacks took (the loop times them), and the difference in training
 seconds, which also catches indirect effects (background threads) but is noisy on this machine.
+
+MNIST comes from $OPPEN_MNIST_DIR, else ../shared/datasets/mnist. `--repeats 1 --max-steps 20` is a smoke
+run (a few minutes at most: the server's start and the warm-up dominate); its figures mean nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file (python bench/x.py): the repository root in bench/'s place, see bench/__init__.py
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
-from bench.common import table  # noqa: E402
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from bench.common import mnist_dir, positive_int, table  # noqa: E402
 from oppen.local_stack import free_port, lower_priority, prefect_server_argv, wait_prefect_healthy  # noqa: E402
 
 
@@ -72,10 +78,13 @@ def through_flow(run) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=positive_int, default=3, help="measured runs of each path")
+    parser.add_argument("--max-steps", type=positive_int, default=None,
+                        help="stop each measured run here (default: the flow's full run)")
     args = parser.parse_args()
-    os.environ.setdefault("OPPEN_MNIST_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"))
+    if data := mnist_dir():  # the flow reads it through the same variable, in this process
+        os.environ["OPPEN_MNIST_DIR"] = str(data)
     root = Path(tempfile.mkdtemp(prefix="oppen-overhead-"))
     port = free_port()
     env = os.environ | {"PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -88,13 +97,14 @@ def main() -> None:
                           OPPEN_MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
         from flows.train_mnist import MNIST_RUN
 
+        measured = MNIST_RUN.model_copy(update={"max_steps": args.max_steps}) if args.max_steps else MNIST_RUN
         warm = MNIST_RUN.model_copy(update={"max_steps": 5})
         cold_bare, cold_flow = bare(warm), through_flow(warm)
         bare_times, flow_times = [], []
         TEARDOWN.clear()
         for _ in range(args.repeats):  # interleaved, so drift in machine load hits both paths alike
-            bare_times.append(bare(MNIST_RUN))
-            flow_times.append(through_flow(MNIST_RUN))
+            bare_times.append(bare(measured))
+            flow_times.append(through_flow(measured))
     finally:
         os.killpg(server.pid, 15)
     b, f = (statistics.median(t for t, _, _ in times) for times in (bare_times, flow_times))

@@ -1,5 +1,5 @@
 """A tiny flow and the harness around it, for measuring queue order, limits and dispatch latency on
-a real Prefect server with a real process worker (used by bench/queue.py and the queue test).
+a real Prefect server with a real process worker (used by bench/queue_priority.py and the queue test).
 
 The probe's first line records when it began, so "dispatch latency" is submission to the flow's
 first line of user code: the worker's poll, process start, imports and Prefect's engine start.

@@ -1,8 +1,7 @@
 """Latency of every read tool of `oppen.api` against a stack with history, and the CLI's cold start.
 
     .venv/bin/python -m bench.tools [--calls 30] [--trained 1000] [--cold-runs 5]
-    .venv/bin/python bench/tools.py ...          (the same; this file keeps bench/queue.py from shadowing
-                                                  the standard library's `queue`, which `python bench/x.py` risks)
+    .venv/bin/python bench/tools.py ...          (the same)
 
 One real `prefect server start` (SQLite) with the pools applied and prefect.yaml deployed, MLflow on
 SQLite and the SQLite ledger, all under a temporary directory; no worker. The history is seeded
@@ -31,23 +30,23 @@ seeding Prefect one flow run at a time (see `seed_prefect`). `--profile a,b` run
 under cProfile afterwards, on the same history.
 
 Exits 1 when the seeding failed (the figures would be about a smaller history) or a tool raised.
+Needs no dataset. `--trained 10 --calls 1 --cold-runs 1` is a smoke run (a couple of minutes: the stack's start
+and `prefect deploy` dominate); its figures say nothing about a real history.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
-# `python bench/tools.py` puts bench/ first on sys.path, where bench/queue.py would stand in for the
-# standard library's `queue` (imported by concurrent.futures, logging, asyncio...): the repository root instead.
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if not __package__:  # run as a file (python bench/x.py): the repository root in bench/'s place, see bench/__init__.py
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -60,8 +59,9 @@ import uuid  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from datetime import datetime, timedelta, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from bench.common import table  # noqa: E402
+from bench.common import ROOT, table  # noqa: E402
 from tests.stack import BIN, PrefectStack  # noqa: E402
 
 TARGET_P95_MS = 200.0
@@ -216,63 +216,71 @@ def figures(run: Planned, rng: random.Random) -> Figures:
 
 
 def mlflow_payload(run: Planned, fig: Figures, key: str, rng: random.Random):
-    """Params, metrics and tags as the train-mnist flow logs them (tasks/tracking.py, oppen/cost/*)."""
+    """Params, metrics and tags as the train-mnist flow logs them, under the names of oppen/tracking_keys.py."""
     from mlflow.entities import Metric, Param, RunTag
 
     from flows.train_mnist import MNIST_RUN
+    from oppen import tracking_keys as keys
     from oppen.cost.policy import CostPolicy
     from tasks.tracking import flatten
     from training.mnist.workload import MnistConfig
 
     start_ms = int(run.started.timestamp() * 1000)
+    rate = 2 * CPU_CORE_SECOND_USD
+    quote = keys.QUOTE_PARAM_PREFIX
     config = {"config": MnistConfig().model_dump(mode="json"),
               "run": MNIST_RUN.model_copy(update=parameters(run)["run"]).model_dump(mode="json"),
               "cost": CostPolicy().model_dump(mode="json")}
-    params = [Param(k, v) for k, v in sorted(flatten(config).items())]
+    # The quote and the run's shape are constants of the run: params, as tasks/cost_tasks.quote_params logs them.
+    constants = flatten(config) | {
+        keys.QUOTE_EXPECTED_PARAM: str(fig.quote_usd), keys.QUOTE_P90_PARAM: str(fig.quote_usd * 1.13),
+        f"{quote}cheapest_usd": str(fig.quote_usd * 0.5),
+        f"{quote}expected_seconds": str(round(fig.quote_usd / rate, 1)),
+        f"{quote}cost_per_epoch_usd": str(fig.quote_usd / run.epochs),
+        keys.STEPS_PER_EPOCH_PARAM: str(fig.steps_per_epoch),
+    }
+    params = [Param(k, v) for k, v in sorted(constants.items())]
     metrics: list[Metric] = []
 
     def log(values: dict[str, float], step: int, at: float) -> None:
         metrics.extend(Metric(k, float(v), start_ms + int(at * 1000), step) for k, v in values.items())
 
-    rate = 2 * CPU_CORE_SECOND_USD
-    log({"quote_expected_usd": fig.quote_usd, "quote_p90_usd": fig.quote_usd * 1.13,
-         "quote_cheapest_usd": fig.quote_usd * 0.5, "quote_expected_seconds": fig.quote_usd / rate,
-         "quote_cost_per_epoch_usd": fig.quote_usd / run.epochs}, 0, fig.fixed_overhead_s)
     at, loss = fig.fixed_overhead_s, 2.3
     for epoch, seconds in enumerate(fig.epoch_seconds, start=1):
         for step in range(50, fig.steps_per_epoch + 1, 50):  # the smoothed step loss, every log_every_steps
             loss *= 0.93
-            log({"train_loss_step": loss + rng.uniform(0, 0.02)}, (epoch - 1) * fig.steps_per_epoch + step,
+            log({keys.TRAIN_LOSS: loss + rng.uniform(0, 0.02)}, (epoch - 1) * fig.steps_per_epoch + step,
                 at + seconds * step / fig.steps_per_epoch)
         at += seconds
-        accrued = rate * at
-        log({"epoch": epoch, "train_loss": loss, "epoch_seconds": seconds,
-             "samples_per_second": TRAIN_SAMPLES / seconds, "val_accuracy": fig.val_accuracy[epoch - 1],
-             "val_loss": 0.45 / epoch, "cost_epoch_usd": accrued, "cost_accrued_usd": accrued,
-             "cost_forecast_usd": fig.cost_usd * rng.uniform(0.95, 1.05)}
-            | ({"cost_forecast_epoch1_usd": fig.cost_usd * rng.uniform(0.95, 1.08)} if epoch == 1 else {}),
+        log({keys.EPOCHS_DONE: epoch, keys.TRAIN_EPOCH_LOSS: loss, keys.EPOCH_SECONDS: seconds,
+             keys.SAMPLES_PER_SECOND: TRAIN_SAMPLES / seconds,
+             keys.metric_key("val_accuracy"): fig.val_accuracy[epoch - 1],
+             keys.metric_key("val_loss"): 0.45 / epoch, keys.COST_EPOCH: rate * seconds, keys.COST_ACCRUED: rate * at,
+             keys.COST_FORECAST: fig.cost_usd * rng.uniform(0.95, 1.05)},
             epoch * fig.steps_per_epoch, at)
     last = run.epochs * fig.steps_per_epoch
     final = {
-        "train_seconds": sum(fig.epoch_seconds), "train_callback_seconds": 0.01 * run.epochs,
-        "steps_completed": last, "resumed_from_step": 0, "shape_steps_per_epoch": fig.steps_per_epoch,
-        "util_cpu_cores_mean": fig.cpu_cores_mean, "util_cpu_cores_peak": min(2.0, fig.cpu_cores_mean + 0.3),
-        "util_memory_peak_gib": rng.uniform(0.7, 0.9),
-        "cost_usd": fig.cost_usd, "cost_training_usd": rate * sum(fig.epoch_seconds),
-        "cost_on_demand_usd": fig.cost_usd, "cost_saving_usd": 0.0, "cost_attempt_usd": fig.cost_usd,
-        "cost_attempts": 1, "cost_at_training_end_usd": rate * (fig.seconds - fig.tail_s),
-        "cost_limit_usd": 0.01, "cost_max_step_usd": rate * fig.seconds_per_sample * run.batch_size,
-        "cost_peak_seconds": fig.seconds, "cost_off_peak_seconds": 0.0, "cost_tail_reserve_usd": 0.0,
-        "cost_quote_expected_usd": fig.quote_usd, "cost_quote_error": (fig.cost_usd - fig.quote_usd) / fig.quote_usd,
-        "cost_forecast_error": rng.uniform(-0.08, 0.08),
-        "cpu_hours": 2 * fig.seconds / 3600, "gpu_hours": 0.0, "memory_gib_hours": 0.0,
-        "spot_interruptions": 0, "spot_lost_seconds": 0.0, "spot_lost_usd": 0.0,
+        keys.TRAIN_SECONDS: sum(fig.epoch_seconds), keys.CALLBACK_SECONDS: 0.01 * run.epochs,
+        keys.STEPS_COMPLETED: last, keys.RESUMED_FROM_STEP: 0,
+        keys.CPU_CORES_MEAN: fig.cpu_cores_mean, keys.CPU_CORES_PEAK: min(2.0, fig.cpu_cores_mean + 0.3),
+        keys.MEMORY_PEAK_GIB: rng.uniform(0.7, 0.9),
+        keys.COST_TOTAL: fig.cost_usd, keys.COST_TRAINING: rate * sum(fig.epoch_seconds),
+        keys.COST_ON_DEMAND: fig.cost_usd, keys.COST_SAVING: 0.0, keys.COST_ATTEMPT: fig.cost_usd,
+        keys.COST_ATTEMPTS: 1, keys.COST_AT_TRAINING_END: rate * (fig.seconds - fig.tail_s),
+        keys.COST_LIMIT: 0.01, keys.COST_MAX_STEP: rate * fig.seconds_per_sample * run.batch_size,
+        keys.PEAK_SECONDS: fig.seconds, keys.OFF_PEAK_SECONDS: 0.0, keys.COST_TAIL_RESERVE: 0.0,
+        keys.COST_QUOTE_ERROR: (fig.cost_usd - fig.quote_usd) / fig.quote_usd,
+        keys.COST_FORECAST_EPOCH1: fig.cost_usd * rng.uniform(0.95, 1.08),
+        keys.COST_FORECAST_ERROR: rng.uniform(-0.08, 0.08),
+        keys.CPU_CORE_HOURS: 2 * fig.seconds / 3600, keys.GPU_HOURS: 0.0, keys.MEMORY_GIB_HOURS: 0.0,
+        keys.SPOT_INTERRUPTIONS: 0, keys.SPOT_LOST_SECONDS: 0.0, keys.SPOT_LOST_USD: 0.0,
     }
     if run.outcome == "completed":  # evaluated, and the speed history: only from runs that trained to their end
-        final |= {"test_accuracy": fig.test_accuracy, "test_loss": 0.04 + (1 - fig.test_accuracy),
-                  "cost_per_point_usd": fig.cost_usd / (100 * (fig.test_accuracy - 0.1)),
-                  "cost_seconds_per_sample": fig.seconds_per_sample, "cost_epoch_overhead_s": 0.45,
-                  "cost_fixed_overhead_s": fig.fixed_overhead_s, "cost_tail_s": fig.tail_s}
+        final |= {keys.metric_key("test_accuracy"): fig.test_accuracy,
+                  keys.metric_key("test_loss"): 0.04 + (1 - fig.test_accuracy),
+                  keys.COST_PER_POINT: fig.cost_usd / (100 * (fig.test_accuracy - 0.1)),
+                  keys.SECONDS_PER_SAMPLE: fig.seconds_per_sample, keys.EPOCH_OVERHEAD_SECONDS: 0.45,
+                  keys.FIXED_OVERHEAD_SECONDS: fig.fixed_overhead_s, keys.TAIL_SECONDS: fig.tail_s}
     log(final, last, fig.seconds)
     tags = {"oppen.workload": "mnist", "prefect.flow_run_id": run.flow_run_id, "oppen.team": TEAM,
             "oppen.speed_key": key, "oppen.attempt": "1", "mlflow.runName": run.name,

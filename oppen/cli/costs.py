@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 
 from oppen.cli.app import JsonFlag, app
+from oppen.cli.progress import waiting
 from oppen.cli.render import console, show
-from oppen.cli.training import Config, Cost, Deployment, Run, Workload, _job
+from oppen.cli.training import Config, Cost, Deployment, Run, Workload, _job, quoting
 
 Since = Annotated[datetime | None, typer.Option(help="From (UTC), e.g. 2026-11-01.")]
 Until = Annotated[datetime | None, typer.Option(help="Until (UTC, exclusive).")]
@@ -27,6 +28,11 @@ def _range(since: datetime | None, until: datetime | None, last_days: int | None
     return since, until
 
 
+def _window(since: datetime | None, until: datetime | None) -> str:
+    """` from 2026-11-01 until 2026-11-08` for a spinner; nothing for a bound left to the API's default."""
+    return (f" from {since:%Y-%m-%d}" if since else "") + (f" until {until:%Y-%m-%d}" if until else "")
+
+
 @app.command(rich_help_panel="Cost and budgets")
 def quote(
     workload: Workload, config: Config = None, run: Run = None, cost: Cost = None, deployment: Deployment = "local",
@@ -34,9 +40,10 @@ def quote(
     json_output: JsonFlag = False,
 ) -> None:
     """Check a job's resources and quote it against its budgets, without creating anything."""
-    from oppen.api.planning import validate_job_resources
+    with waiting(quoting(workload, deployment), json_output):
+        from oppen.api.planning import validate_job_resources
 
-    verdict = validate_job_resources(_job(workload, deployment, config, run, cost, experiment, None, None))
+        verdict = validate_job_resources(_job(workload, deployment, config, run, cost, experiment, None, None))
     show(verdict, json_output, title="quote")
     if not verdict.feasible:
         raise typer.Exit(4)
@@ -49,9 +56,11 @@ def forecast(
     json_output: JsonFlag = False,
 ) -> None:
     """What a run will cost by its end, or with N more epochs."""
-    from oppen.api.forecasting import forecast_training_cost
+    with waiting(f"Forecasting {run} from its metrics and its speed history…", json_output):
+        from oppen.api.forecasting import forecast_training_cost
 
-    show(forecast_training_cost(run, remaining_epochs=epochs), json_output, title="forecast")
+        result = forecast_training_cost(run, remaining_epochs=epochs)
+    show(result, json_output, title="forecast")
 
 
 @app.command(rich_help_panel="Cost and budgets")
@@ -63,10 +72,13 @@ def compare(
     """Compare candidate configs on quoted cost, time and the quality their history reached."""
     import yaml
 
-    from oppen.api.comparison import compare_training_configs
-
     jobs = yaml.safe_load(file.read_text())
-    comparison = compare_training_configs(jobs.get("jobs", jobs) if isinstance(jobs, dict) else jobs)
+    jobs = jobs.get("jobs", jobs) if isinstance(jobs, dict) else jobs
+    count = f"{len(jobs)} configs" if isinstance(jobs, list) else "the configs"
+    with waiting(f"Quoting {count} and reading the quality their history reached…", json_output):
+        from oppen.api.comparison import compare_training_configs
+
+        comparison = compare_training_configs(jobs)
     if json_output:
         show(comparison, True)
         return
@@ -82,17 +94,21 @@ def run_cost(
     json_output: JsonFlag = False,
 ) -> None:
     """What a run cost: quote, cap, each attempt, charges per month, exact to the micro-dollar."""
-    from oppen.api.run_cost import calculate_training_cost
+    with waiting(f"Reading the cost of {run} from the ledger and MLflow…", json_output):
+        from oppen.api.run_cost import calculate_training_cost
 
-    show(calculate_training_cost(run), json_output, title=f"cost of {run}")
+        cost = calculate_training_cost(run)
+    show(cost, json_output, title=f"cost of {run}")
 
 
 @app.command(rich_help_panel="Cost and budgets")
 def quota(team: Annotated[str, typer.Argument(help="The team.")] = "default", json_output: JsonFlag = False) -> None:
     """A team's budgets: used (spent and held), limit and what is left."""
-    from oppen.api.reports import check_training_quota
+    with waiting(f"Reading the budgets of {team} from the ledger…", json_output):
+        from oppen.api.reports import check_training_quota
 
-    show(check_training_quota(team), json_output, title=f"quota of {team}")
+        result = check_training_quota(team)
+    show(result, json_output, title=f"quota of {team}")
 
 
 @app.command(rich_help_panel="Cost and budgets")
@@ -103,10 +119,12 @@ def report(
     json_output: JsonFlag = False,
 ) -> None:
     """Spend per team and experiment, with quality, cost per point, trend and budgets."""
-    from oppen.api.reports import generate_cost_report
-
     start, end = _range(since, until, last_days)
-    show(generate_cost_report(start, end, team=team, experiment=experiment), json_output, title="cost report")
+    with waiting(f"Reporting spend{_window(start, end)} from the ledger…", json_output):
+        from oppen.api.reports import generate_cost_report
+
+        result = generate_cost_report(start, end, team=team, experiment=experiment)
+    show(result, json_output, title="cost report")
 
 
 @app.command(rich_help_panel="Cost and budgets")
@@ -116,10 +134,12 @@ def utilization(
     json_output: JsonFlag = False,
 ) -> None:
     """Measured CPU/GPU use against what runs paid for, and the money spent idle."""
-    from oppen.api.reports import get_resource_utilization_report
-
     start, end = _range(since, until, last_days)
-    show(get_resource_utilization_report(start, end, team=team), json_output, title="utilization")
+    with waiting(f"Reading measured utilisation{_window(start, end)} from MLflow…", json_output):
+        from oppen.api.reports import get_resource_utilization_report
+
+        result = get_resource_utilization_report(start, end, team=team)
+    show(result, json_output, title="utilization")
 
 
 @app.command(rich_help_panel="Cost and budgets")
@@ -128,6 +148,8 @@ def recommend(
     json_output: JsonFlag = False,
 ) -> None:
     """Ways to make a run like this one cheaper, with the saving each is worth."""
-    from oppen.api.recommendations import recommend_cost_optimization
+    with waiting(f"Comparing {run} with similar runs for savings…", json_output):
+        from oppen.api.recommendations import recommend_cost_optimization
 
-    show(recommend_cost_optimization(run), json_output, title="recommendations")
+        recommendations = recommend_cost_optimization(run)
+    show(recommendations, json_output, title="recommendations")

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from oppen.cli.app import JsonFlag, app
+from oppen.cli.progress import waiting
 from oppen.cli.render import show
 
 models = typer.Typer(help="The model registry: register and promote versions.", no_args_is_help=True)
@@ -20,25 +21,30 @@ def experiments(
     json_output: JsonFlag = False,
 ) -> None:
     """MLflow experiments with their runs, best result and what they cost."""
-    from oppen.api.experiments import list_experiments
+    with waiting("Reading experiments from MLflow and their spend from the ledger…", json_output):
+        from oppen.api.experiments import list_experiments
 
-    show(list_experiments(name_contains=contains, max_results=limit), json_output, title="experiments")
+        found = list_experiments(name_contains=contains, max_results=limit)
+    show(found, json_output, title="experiments")
 
 
 @app.command(rich_help_panel="Experiments and models")
 def metrics(run_id: Annotated[str, typer.Argument(help="An MLflow run id.")], json_output: JsonFlag = False) -> None:
     """One MLflow run: params, latest metrics by group, tags, model versions and links."""
-    from oppen.api.experiments import get_experiment_metrics
+    with waiting(f"Reading MLflow run {run_id}…", json_output):
+        from oppen.api.experiments import get_experiment_metrics
 
-    show(get_experiment_metrics(run_id), json_output, title=f"run {run_id}")
+        run = get_experiment_metrics(run_id)
+    show(run, json_output, title=f"run {run_id}")
 
 
 @app.command(rich_help_panel="Operations")
 def health(json_output: JsonFlag = False) -> None:
     """Prefect, workers, MLflow and the ledger; late runs, recent failures and alerts."""
-    from oppen.api.health import get_training_health_status
+    with waiting("Checking Prefect, its workers, MLflow and the ledger…", json_output):
+        from oppen.api.health import get_training_health_status
 
-    status = get_training_health_status()
+        status = get_training_health_status()
     show(status, json_output, title="health")
     if not status.healthy:
         raise typer.Exit(1)
@@ -52,9 +58,11 @@ def register(
     json_output: JsonFlag = False,
 ) -> None:
     """Register a run's model as a new version."""
-    from oppen.api.registry import register_model
+    with waiting(f"Registering the model of run {run_id} as {name}…", json_output):
+        from oppen.api.registry import register_model
 
-    show(register_model(run_id, name, alias=alias), json_output, title="registered")
+        registered = register_model(run_id, name, alias=alias)
+    show(registered, json_output, title="registered")
 
 
 @models.command("promote")
@@ -66,9 +74,10 @@ def promote(
     json_output: JsonFlag = False,
 ) -> None:
     """Promote a version to staging or production, when it beats the one there (or --force)."""
-    from oppen.api.registry import promote_model
+    with waiting(f"Promoting {name} to {target}…", json_output):
+        from oppen.api.registry import promote_model
 
-    result = promote_model(name, target, version=version, force=force)
+        result = promote_model(name, target, version=version, force=force)
     show(result, json_output, title="promotion")
     if not result.promoted:
         raise typer.Exit(4)

@@ -9,6 +9,7 @@ import typer
 from pydantic import BaseModel, ConfigDict
 
 from oppen.cli.app import JsonFlag, app, pairs
+from oppen.cli.progress import waiting
 from oppen.cli.render import console, show
 
 budgets = typer.Typer(help="Teams and budgets.", no_args_is_help=True)
@@ -50,16 +51,17 @@ def budgets_apply(
     json_output: JsonFlag = False,
 ) -> None:
     """Create or update teams and budgets from a file (idempotent)."""
-    from oppen.cost.budgets import apply_budgets, load_budgets, open_ledger
-    from oppen.settings import load_settings
+    with waiting("Applying the budgets file to the ledger…", json_output):
+        from oppen.cost.budgets import apply_budgets, load_budgets, open_ledger
+        from oppen.settings import load_settings
 
-    settings = load_settings()
-    spec = load_budgets(file or settings.budgets_file)
-    ledger = open_ledger(settings.ledger, file or settings.budgets_file)
-    try:
-        changes = apply_budgets(ledger, spec)
-    finally:
-        ledger.dispose()
+        settings = load_settings()
+        spec = load_budgets(file or settings.budgets_file)
+        ledger = open_ledger(settings.ledger, file or settings.budgets_file)
+        try:
+            changes = apply_budgets(ledger, spec)
+        finally:
+            ledger.dispose()
     if json_output:
         show({"changes": changes}, True)
     else:
@@ -69,18 +71,19 @@ def budgets_apply(
 @budgets.command("list")
 def budgets_list(json_output: JsonFlag = False) -> None:
     """Every budget with what is spent and held against it this period."""
-    from oppen.api.context import ledger
-    from oppen.cost.ledger import month_of, utcnow
+    with waiting("Reading the budgets and their use from the ledger…", json_output):
+        from oppen.api.context import ledger
+        from oppen.cost.ledger import month_of, utcnow
 
-    month, rows = month_of(utcnow()), []
-    with ledger() as opened:
-        for team in opened.team_names():
-            for budget in opened.budgets_of(team):
-                spent, held = opened.usage(team, budget["experiment"] or None,
-                                           month if budget["period"] == "monthly" else None)
-                rows.append(BudgetRow(team=team, experiment=budget["experiment"] or "*", period=budget["period"],
-                                      budget_micros=budget["amount_micros"], spent_micros=spent, held_micros=held,
-                                      used_fraction=(spent + held) / budget["amount_micros"]))
+        month, rows = month_of(utcnow()), []
+        with ledger() as opened:
+            for team in opened.team_names():
+                for budget in opened.budgets_of(team):
+                    spent, held = opened.usage(team, budget["experiment"] or None,
+                                               month if budget["period"] == "monthly" else None)
+                    rows.append(BudgetRow(team=team, experiment=budget["experiment"] or "*", period=budget["period"],
+                                          budget_micros=budget["amount_micros"], spent_micros=spent, held_micros=held,
+                                          used_fraction=(spent + held) / budget["amount_micros"]))
     show(rows, json_output, title=f"budgets ({month})")
 
 
@@ -92,10 +95,11 @@ def ledger_rows(
     json_output: JsonFlag = False,
 ) -> None:
     """Runs in the ledger: quote, cap, held, spent and attempts, newest last."""
-    from oppen.api.context import ledger
+    with waiting("Reading the ledger's runs…", json_output):
+        from oppen.api.context import ledger
 
-    with ledger() as opened:
-        found = opened.rows(team=team, experiment=experiment)[-limit:]
+        with ledger() as opened:
+            found = opened.rows(team=team, experiment=experiment)[-limit:]
     rows = [LedgerRow(created_at=f"{row['created_at']:%Y-%m-%d %H:%M}", run_key=row["run_key"], team=row["team"],
                       experiment=row["experiment"], workload=row["workload"] or "", status=row["status"],
                       attempts=row["attempts"], quote_micros=row["quote_micros"], held_micros=row["held_micros"],
@@ -112,15 +116,17 @@ def reconcile(
     json_output: JsonFlag = False,
 ) -> None:
     """Book settlements the ledger missed while it was down; charge holds past their expiry."""
-    from oppen.api.context import ledger
-    from oppen.cost.journal import SettlementJournal
-    from oppen.cost.money import format_usd
-    from oppen.cost.reconcile import reconcile as run_reconcile
-    from oppen.settings import load_settings
+    with waiting("Booking the settlement journal into the ledger" + ("…" if no_expire else ", charging expired holds…"),
+                 json_output):
+        from oppen.api.context import ledger
+        from oppen.cost.journal import SettlementJournal
+        from oppen.cost.money import format_usd
+        from oppen.cost.reconcile import reconcile as run_reconcile
+        from oppen.settings import load_settings
 
-    journal = SettlementJournal(load_settings().journal_dir())
-    with ledger() as opened:
-        results = run_reconcile(opened, journal, expire=not no_expire)
+        journal = SettlementJournal(load_settings().journal_dir())
+        with ledger() as opened:
+            results = run_reconcile(opened, journal, expire=not no_expire)
     if json_output:
         show([{"outcome": r.outcome, "cost_micros": r.cost_micros, "run_key": r.run_key, "attempt_id": r.attempt_id,
                "detail": r.detail} for r in results], True)
@@ -153,20 +159,22 @@ def submit(
     json_output: JsonFlag = False,
 ) -> None:
     """Check, then run any deployment (training runs are better started with `oppen train`: quoted and held)."""
-    import asyncio
+    where = " against the cluster" if check_cluster else ""
+    with waiting(f"Checking {name}'s job variables{where}, then submitting it…", json_output):
+        import asyncio
 
-    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+        from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
-    from oppen.api.errors import InvalidInput, NotFound
-    from oppen.submit import submit as run_submit
+        from oppen.api.errors import InvalidInput, NotFound
+        from oppen.submit import submit as run_submit
 
-    try:
-        flow_run_id, verdict = asyncio.run(run_submit(name, pairs(param, "--param"), pairs(job_variable, "--job-variable"),
-                                                      queue, check_cluster))
-    except ObjectNotFound:
-        raise NotFound(f"no deployment {name} on this Prefect server; `prefect deployment ls` lists them") from None
-    except PrefectHTTPStatusError as error:
-        raise InvalidInput(f"Prefect refused the run of {name}: {_detail(error)}") from None
+        try:
+            flow_run_id, verdict = asyncio.run(run_submit(name, pairs(param, "--param"),
+                                                          pairs(job_variable, "--job-variable"), queue, check_cluster))
+        except ObjectNotFound:
+            raise NotFound(f"no deployment {name} on this Prefect server; `prefect deployment ls` lists them") from None
+        except PrefectHTTPStatusError as error:
+            raise InvalidInput(f"Prefect refused the run of {name}: {_detail(error)}") from None
     result = {"flow_run_id": flow_run_id, "cluster": verdict.reason if verdict is not None else None}
     if json_output:
         show(result, True)
@@ -189,6 +197,8 @@ def gpus(
     json_output: JsonFlag = False,
 ) -> None:
     """Free GPUs: per type in the current kube context, else this machine's devices."""
-    from oppen.api.resources import get_gpu_availability
+    with waiting("Reading free GPUs from the kube context (else this machine) and the pools' limits…", json_output):
+        from oppen.api.resources import get_gpu_availability
 
-    show(get_gpu_availability(spot=spot), json_output, title="GPUs")
+        found = get_gpu_availability(spot=spot)
+    show(found, json_output, title="GPUs")

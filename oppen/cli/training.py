@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from oppen.cli.app import JsonFlag, app, pairs
+from oppen.cli.progress import following, waiting
 from oppen.cli.render import console, show
 
 Workload = Annotated[str, typer.Argument(help="mnist or lm.")]
@@ -17,12 +18,19 @@ Run = Annotated[list[str] | None, typer.Option("--run", "-r", help="Run config k
 Cost = Annotated[list[str] | None, typer.Option("--cost", help="Cost policy k=v (team, max_cost_usd, spot, resources.gpus, ...).")]
 Deployment = Annotated[str, typer.Option(help="Deployment of the workload's flow: local, gpu, gpu-urgent, gpu-spot.")]
 
+POLL_SECONDS = 2.0  # how often a followed run's status is read: each read asks Prefect, the ledger and MLflow
+
 queue_app = typer.Typer(help="The work queues: what waits, in which order, and what it will cost.",
                         invoke_without_command=True)
 app.add_typer(queue_app, name="queue", rich_help_panel="Training")
 batch_app = typer.Typer(help="Batches of training jobs run by one parent flow (resumable by batch id).",
                         no_args_is_help=True)
 app.add_typer(batch_app, name="batch", rich_help_panel="Training")
+
+
+def quoting(workload: str, deployment: str) -> str:
+    """The spinner's words while a job is quoted: from its request's history in MLflow, against its budgets."""
+    return f"Quoting {workload} on {deployment} from its run history, against its budgets…"
 
 
 def _job(workload: str, deployment: str, config, run, cost, experiment, model_name, name) -> dict:
@@ -43,9 +51,11 @@ def train(
     json_output: JsonFlag = False,
 ) -> None:
     """Quote a training job, refuse it when it does not fit its budget, else start it through its deployment."""
-    from oppen.api.jobs import describe, queue_training_job
+    with waiting(quoting(workload, deployment), json_output):
+        from oppen.api.jobs import describe, queue_training_job
 
-    job = queue_training_job(_job(workload, deployment, config, run, cost, experiment, model_name, name), priority=queue)
+        job = queue_training_job(_job(workload, deployment, config, run, cost, experiment, model_name, name),
+                                 priority=queue)
     if not wait:
         show(job, json_output, title="queued") if json_output else console.print(describe(job), highlight=False)
         return
@@ -55,17 +65,18 @@ def train(
 
 
 def _follow(flow_run_id: str, json_output: bool) -> None:
-    """Poll the run's status with a spinner until it ends, then show the final status."""
-    from oppen.api.status import get_training_status
+    """Poll the run's status, with a bar on a terminal, until it ends; then show the final status."""
+    with following(flow_run_id, json_output) as update:
+        from oppen.api.status import get_training_status
 
-    with console.status("waiting for the run to start", spinner="dots") as spinner:
         while True:
             status = get_training_status(flow_run_id, log_lines=0)
+            update(status)
             if status.state.final:
                 break
-            spinner.update(status.summary)
-            time.sleep(2)
-    show(get_training_status(flow_run_id), json_output, title=f"flow run {flow_run_id}")
+            time.sleep(POLL_SECONDS)
+        status = get_training_status(flow_run_id)  # with its log tail, for the table below
+    show(status, json_output, title=f"flow run {flow_run_id}")
     if status.state.type != "COMPLETED":
         raise typer.Exit(1)
 
@@ -79,9 +90,10 @@ def queue_status(
     """Pending runs per queue in the order they will start, with ETAs, queued cost and holds."""
     if ctx.invoked_subcommand is not None:
         return
-    from oppen.api.queue_status import get_job_queue_status
+    with waiting(f"Reading the queues of {pool or 'every pool'} and simulating their ETAs…", json_output):
+        from oppen.api.queue_status import get_job_queue_status
 
-    status = get_job_queue_status(pool=pool)
+        status = get_job_queue_status(pool=pool)
     if json_output:
         show(status, True)
         return
@@ -110,10 +122,11 @@ def queue_add(
     json_output: JsonFlag = False,
 ) -> None:
     """Queue a training job with a priority: quoted, refused over budget, else held until it starts."""
-    from oppen.api.jobs import queue_training_job
+    with waiting(quoting(workload, deployment), json_output):
+        from oppen.api.jobs import queue_training_job
 
-    job = queue_training_job(_job(workload, deployment, config, run, cost, experiment, model_name, name),
-                             priority=priority, job_variables=pairs(job_variable, "--job-variable") or None)
+        job = queue_training_job(_job(workload, deployment, config, run, cost, experiment, model_name, name),
+                                 priority=priority, job_variables=pairs(job_variable, "--job-variable") or None)
     show(job, json_output, title="queued")
 
 
@@ -124,9 +137,11 @@ def cancel(
     json_output: JsonFlag = False,
 ) -> None:
     """Cancel a queued or running job; its queue hold is released and the reason recorded."""
-    from oppen.api.jobs import cancel_training_job
+    with waiting(f"Cancelling flow run {flow_run_id} and releasing its hold…", json_output):
+        from oppen.api.jobs import cancel_training_job
 
-    show(cancel_training_job(flow_run_id, reason), json_output, title="cancelled")
+        cancelled = cancel_training_job(flow_run_id, reason)
+    show(cancelled, json_output, title="cancelled")
 
 
 @app.command(rich_help_panel="Training")
@@ -137,12 +152,14 @@ def status(
     json_output: JsonFlag = False,
 ) -> None:
     """A run's state, progress, cost so far, forecast and latest log lines."""
-    from oppen.api.status import get_training_status
-
     if follow:
         _follow(flow_run_id, json_output)
         return
-    show(get_training_status(flow_run_id, log_lines=logs), json_output, title=f"flow run {flow_run_id}")
+    with waiting(f"Reading flow run {flow_run_id} from Prefect, the ledger and MLflow…", json_output):
+        from oppen.api.status import get_training_status
+
+        status = get_training_status(flow_run_id, log_lines=logs)
+    show(status, json_output, title=f"flow run {flow_run_id}")
 
 
 @batch_app.command("submit")
@@ -157,17 +174,21 @@ def batch_submit(
     """Run a batch of training jobs as one parent flow; submitting the same id again skips completed jobs."""
     import yaml
 
-    from oppen.api.batch import submit_batch_training
-
     jobs = yaml.safe_load(file.read_text())
     jobs = jobs.get("jobs", jobs) if isinstance(jobs, dict) else jobs
-    show(submit_batch_training(jobs, mode=mode, batch_id=batch_id, stop_on_failure=not keep_going), json_output,
-         title="batch")
+    count = f"{len(jobs)} jobs" if isinstance(jobs, list) else "the jobs"
+    with waiting(f"Quoting {count} of the batch together, then submitting it…", json_output):
+        from oppen.api.batch import submit_batch_training
+
+        submitted = submit_batch_training(jobs, mode=mode, batch_id=batch_id, stop_on_failure=not keep_going)
+    show(submitted, json_output, title="batch")
 
 
 @batch_app.command("status")
 def batch_status(batch_id: Annotated[str, typer.Argument(help="The batch id.")], json_output: JsonFlag = False) -> None:
     """Each job of a batch with its latest attempt's state."""
-    from oppen.api.batch import get_batch_status
+    with waiting(f"Reading batch {batch_id} and its jobs' runs…", json_output):
+        from oppen.api.batch import get_batch_status
 
-    show(get_batch_status(batch_id), json_output, title=f"batch {batch_id}")
+        status = get_batch_status(batch_id)
+    show(status, json_output, title=f"batch {batch_id}")

@@ -1,31 +1,49 @@
 """Queue priority, pool limit and dispatch latency on a real local Prefect server + process worker.
 
-    .venv/bin/python -m bench.queue [--runs 200] [--limit 2] [--latency-runs 10]
+    .venv/bin/python -m bench.queue_priority [--runs 200] [--limit 2] [--latency-runs 10]
+    .venv/bin/python bench/queue_priority.py ...          (the same)
 
 Phase 1: `--runs` short probe runs across urgent / normal / background (20/40/40 %), submitted
 faster than a pool limit of `--limit` can serve them, so a backlog builds and priority matters.
 Reports priority-order violations, limit violations and the queue wait per priority.
 Phase 2 (side by side, same machine, same run): dispatch latency with nothing queued, submission
 to the flow's first line, with the worker polling every 1 s (tuned) and every 10 s (Prefect's default).
+Needs no dataset. The defaults take over 10 minutes on a 2-core machine; `--runs 6 --latency-runs 1` is a
+smoke run (a few minutes, most of it starting workers and waiting on their polls).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import random
-import statistics
+import os
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_API_URL, temporary_settings
+if not __package__:  # run as a file (python bench/x.py): the repository root in bench/'s place, see bench/__init__.py
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
-from bench.common import table
-from bench.queue_probe import POOL, collect, deploy, max_concurrency, priority_violations, submit, wait_finished, write_pools_file
-from tests.stack import BIN, PrefectStack
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
+
+from bench.common import positive_int, table  # noqa: E402
+from bench.queue_probe import (  # noqa: E402
+    POOL,
+    collect,
+    deploy,
+    max_concurrency,
+    priority_violations,
+    submit,
+    wait_finished,
+    write_pools_file,
+)
+from tests.stack import BIN, PrefectStack  # noqa: E402
 
 MIX = [("urgent", 0.2), ("normal", 0.4), ("background", 0.4)]
 
@@ -86,10 +104,10 @@ async def latency_phase(stack, deployments, records: Path, runs: int, query_seco
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--limit", type=int, default=2)
+    parser.add_argument("--runs", type=positive_int, default=200, help="phase 1: probe runs across the queues")
+    parser.add_argument("--limit", type=positive_int, default=2, help="phase 1: the pool's concurrency limit")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between submissions in phase 1")
-    parser.add_argument("--latency-runs", type=int, default=10)
+    parser.add_argument("--latency-runs", type=positive_int, default=10, help="phase 2: runs per worker setting")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="one line per phase-1 run")
     args = parser.parse_args()
