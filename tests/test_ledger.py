@@ -141,6 +141,16 @@ def test_an_attempt_the_cap_cannot_see_through_is_refused_not_started(ledger_url
     ledger.dispose()
 
 
+def test_an_attempt_holds_at_least_what_it_needs_to_end_well_when_its_cap_allows(ledger_url):
+    ledger = _ledger(ledger_url, amount=1.0)
+    # Its p90 (0.02) is below what it already spent loading plus its tail (0.03): a cap of 0.5 allows the 0.03.
+    reservation = _reserve(ledger, "run", 0.02, cap_micros=to_micros(0.5), min_hold_micros=to_micros(0.03))
+    assert reservation.accepted and reservation.held_micros == to_micros(0.03)
+    uncapped = _reserve(ledger, "other", 0.02, min_hold_micros=to_micros(0.03))
+    assert uncapped.accepted and uncapped.held_micros == to_micros(0.03)
+    ledger.dispose()
+
+
 def test_sqlite_reads_neither_wait_for_a_writer_nor_block_it(tmp_path):
     import sqlite3
 

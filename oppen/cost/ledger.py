@@ -270,8 +270,9 @@ class Ledger:
     ) -> Reservation:
         """Hold `hold_micros` for this attempt against every budget of the team and experiment, or refuse.
 
-        The hold never exceeds what the run's cap has left after its other attempts; when that is less
-        than `min_hold_micros` (what the attempt needs to end well), the attempt is refused. A refusal
+        The hold is at least `min_hold_micros` (what the attempt needs to end well) and never exceeds what
+        the run's cap has left after its other attempts; when that is less than `min_hold_micros`, the
+        attempt is refused. A refusal
         is recorded too (an attempt with status "refused", nothing held). Reserving an attempt id that
         already exists returns that attempt unchanged (a retried reserve).
         """
@@ -290,12 +291,14 @@ class Ledger:
             queued.adopt(c, run_key, now)  # its queue hold ends here, before the budgets are read
             prior = self._run_spent(c, run.id) + self._run_held(c, run.id) if run is not None else 0
             cap = _tighter(run.cap_micros if run is not None else None, cap_micros)
-            hold, reason = hold_micros, None
+            # At least what the attempt needs to end well (a quote's p90 can be below what loading already took
+            # on a busy machine), never more than the run's cap has left.
+            hold, reason = max(hold_micros, min_hold_micros), None
             if cap is not None:
                 hold = max(0, min(hold, cap - prior))
                 if prior >= cap:
                     reason = f"run cap {format_usd(cap)} already spent by its earlier attempts ({format_usd(prior)})"
-                elif hold < min_hold_micros:
+                elif cap - prior < min_hold_micros:
                     reason = (f"run cap {format_usd(cap)} has {format_usd(cap - prior)} left after its earlier attempts "
                               f"({format_usd(prior)}), less than this attempt needs to end well "
                               f"({format_usd(min_hold_micros)}: what it spent loading, its test pass and model logging)")
