@@ -84,3 +84,23 @@ def test_json_output_through_a_real_server(stack, shoestring_team):
     assert code == 3 and err.startswith("oppen: ") and "Traceback" not in err
     code, _, err = _oppen(stack, "train", "mnist", *TINY, "--cost", f"team={shoestring_team}", "--cost", "max_cost_usd=0.5")
     assert code == 4 and "over budget: team shoestring" in err
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_train_wait_tells_the_runs_story_then_its_summary(stack):
+    """What a person sees following a run from the CLI: the lines that matter, as the run writes them, then the
+    summary the main command ends with; stdout holds no event feed and no traceback."""
+    done = subprocess.run([str(BIN / "oppen"), "train", "mnist", *TINY, "-r", "seed=41", "--cost", "max_cost_usd=0.5",
+                           "--wait"], env=stack.env, cwd=stack.root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    story = [line for line in out.splitlines() if " · " in line[:12]]
+    assert any("quote $" in line for line in story), out
+    assert any("reserved $" in line and "cap $0.50" in line for line in story), out
+    assert any("epoch 1/1 · loss " in line and "cost so far $" in line for line in story), out
+    assert any("test accuracy" in line and "held-out samples" in line for line in story), out
+    assert any(line.split(" · ", 1)[1].startswith("settled $") for line in story), out
+    assert "▸ Completed" in out and "prefect.task-run" not in out and "Traceback" not in out
+    for label in ("cost ", "quote ", "budget used ", "Prefect UI "):  # this stack has no MLflow UI
+        assert f"\n  {label}" in out, (label, out)

@@ -6,6 +6,8 @@ stderr is a rich Console forced to act as a terminal, writing into a buffer the 
 
 from __future__ import annotations
 
+import contextlib
+
 import io
 import json
 
@@ -108,6 +110,9 @@ def a_run(monkeypatch):
                   _status("Completed", 429, 429, final=True), _status("Completed", 429, 429, final=True)])
     monkeypatch.setattr(oppen.api.status, "get_training_status", lambda flow_run_id, log_lines=20: next(reads))
     monkeypatch.setattr(training, "POLL_SECONDS", 0)
+    # The story lines and the summary read a real server (tests/test_cli.py follows a run through one).
+    monkeypatch.setattr(training, "_story", lambda flow_run_id, json_output: contextlib.nullcontext(training._Silent()))
+    monkeypatch.setattr(training, "_summary", lambda flow_run_id: training.console.print("summary: Completed"))
 
 
 def test_following_a_run_draws_its_step_and_state(terminal, a_run, capsys):
@@ -115,7 +120,7 @@ def test_following_a_run_draws_its_step_and_state(terminal, a_run, capsys):
     drawn = terminal.getvalue()
     assert "Waiting for flow run 0f1e2d3c-0000-4000-8000-000000000001" in drawn
     assert "brave-fox: Running, epoch 1/2, $0.000123 so far" in drawn and "120/429" in drawn
-    assert "Completed" in capsys.readouterr().out  # the final status, as a table
+    assert "summary: Completed" in capsys.readouterr().out  # then the summary the main command ends with too
 
 
 def test_following_with_json_prints_only_the_final_status(terminal, a_run, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Annotated
@@ -57,28 +58,77 @@ def train(
         job = queue_training_job(_job(workload, deployment, config, run, cost, experiment, model_name, name),
                                  priority=queue)
     if not wait:
-        show(job, json_output, title="queued") if json_output else console.print(describe(job), highlight=False)
+        if json_output:
+            show(job, json_output, title="queued")
+        else:
+            console.print(describe(job), highlight=False, soft_wrap=True)
         return
     if not json_output:
-        console.print(describe(job), highlight=False)
+        console.print(describe(job), highlight=False, soft_wrap=True)
     _follow(job.flow_run_id, json_output)
 
 
 def _follow(flow_run_id: str, json_output: bool) -> None:
-    """Poll the run's status, with a bar on a terminal, until it ends; then show the final status."""
+    """Follow the run to its end: its story lines as they reach Prefect and a bar on a terminal, then its summary
+    (as the main command ends); with --json, only the final status."""
     with following(flow_run_id, json_output) as update:
         from oppen.api.status import get_training_status
 
-        while True:
-            status = get_training_status(flow_run_id, log_lines=0)
-            update(status)
-            if status.state.final:
-                break
-            time.sleep(POLL_SECONDS)
-        status = get_training_status(flow_run_id)  # with its log tail, for the table below
-    show(status, json_output, title=f"flow run {flow_run_id}")
+        with _story(flow_run_id, json_output) as story:
+            while True:
+                story.poll()
+                status = get_training_status(flow_run_id, log_lines=0)
+                update(status)
+                if status.state.final:
+                    break
+                time.sleep(POLL_SECONDS)
+            story.finish()
+    if json_output:
+        show(get_training_status(flow_run_id), json_output, title=f"flow run {flow_run_id}")
+    else:
+        _summary(flow_run_id)
     if status.state.type != "COMPLETED":
         raise typer.Exit(1)
+
+
+class _Silent:
+    def poll(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class _Story:
+    """The run's story lines (oppen/terminal/follow.py) printed above the bar."""
+
+    def __init__(self, client, flow_run_id: str) -> None:
+        from oppen.terminal.follow import RunFollower
+
+        self.client = client
+        self.follower = RunFollower(
+            client, flow_run_id, lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+
+    def poll(self) -> None:
+        self.follower.poll()
+
+    def finish(self) -> None:
+        self.follower.finish(self.client.read_flow_run(self.follower.flow_run_id))
+
+
+@contextlib.contextmanager
+def _story(flow_run_id: str, json_output: bool):
+    if json_output:
+        yield _Silent()
+        return
+    from oppen.api import context
+
+    with context.prefect() as client:
+        yield _Story(client, flow_run_id)
+
+
+def _summary(flow_run_id: str) -> None:
+    from oppen.terminal.watch import print_summary
+
+    print_summary(flow_run_id, console)
 
 
 @queue_app.callback()

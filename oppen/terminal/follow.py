@@ -87,12 +87,16 @@ class RunFollower:
             if deadline is not None and time.monotonic() > deadline:
                 return flow_run
             time.sleep(poll_seconds)
+        self.finish(flow_run, poll_seconds)
+        return flow_run
+
+    def finish(self, flow_run: FlowRun, poll_seconds: float = POLL_SECONDS) -> None:
+        """Once the run is final: the lines still on their way, then its final state."""
         drain_until = time.monotonic() + DRAIN_SECONDS
         while time.monotonic() < drain_until:
             time.sleep(poll_seconds)
             self._new_lines()
-        self._state_line(flow_run.state.name)  # last: the lines that led to it come first
-        return flow_run
+        self._state_line(flow_run.state.name if flow_run.state else None)  # last: what led to it comes first
 
 
 def follow_run(client: SyncPrefectClient, flow_run_id: str, console: Console | None = None,
@@ -100,7 +104,8 @@ def follow_run(client: SyncPrefectClient, flow_run_id: str, console: Console | N
     """Print a run's story as it happens; a spinner on stderr while waiting, when stderr is a terminal."""
     out = console or Console(highlight=False, soft_wrap=True)
     errors = Console(stderr=True)
-    follower = RunFollower(client, flow_run_id, lambda line: out.print(line, markup=False, highlight=False))
+    follower = RunFollower(client, flow_run_id,
+                           lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True))
     if not errors.is_terminal:
         return follower.follow(timeout=timeout)
     with errors.status("waiting for the flow run…") as status:

@@ -29,10 +29,10 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
 
 def print_summary(flow_run_id: str, console: Console | None = None) -> None:
     out = console or Console(highlight=False, soft_wrap=True)
-    out.print(RULE, markup=False)
+    out.print(RULE, markup=False, soft_wrap=True)
     for line in render(collect(flow_run_id)):
-        out.print(line, markup=False, highlight=False)
-    out.print(RULE, markup=False)
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    out.print(RULE, markup=False, soft_wrap=True)
 
 
 def run_and_follow(deployment: str, params: dict[str, object], console: Console | None = None) -> int:
@@ -47,7 +47,7 @@ def run_and_follow(deployment: str, params: dict[str, object], console: Console 
         found = client.read_deployment_by_name(deployment)
         flow_run = client.create_flow_run_from_deployment(found.id, parameters=params)
         out.print(f"{deployment}: flow run {flow_run.name} ({flow_run.id}) in queue "
-                  f"{found.work_queue_name or 'default'}", markup=False, highlight=False)
+                  f"{found.work_queue_name or 'default'}", markup=False, highlight=False, soft_wrap=True)
         final = follow_run(client, str(flow_run.id), out)
     print_summary(str(flow_run.id), out)
     return 0 if final.state and final.state.is_completed() else 1
