@@ -36,10 +36,13 @@ from oppen.cost.policy import CostPolicy
 from oppen.cost.price_book import PriceBook, load_price_book
 from oppen.cost.quote import Quote
 from oppen.cost.run_budget import TRANSIENT, BudgetRefused, LedgerUnavailable, Outcome, RunBudget, SettledCost
+from oppen.cost.speed import epoch_seconds
 from oppen.cost.spot import InterruptionSchedule, SpotSimulator
 from oppen.cost.utilization import UtilizationSampler
 from oppen.errors import RequestError
 from oppen.events import RunEventContext
+from oppen.metrics.run_cost import budget_reading
+from oppen.metrics.run_exporter import RunExporter, RunIdentity
 from oppen.settings import OppenSettings, load_settings
 from tasks.cost_history import SPEED_KEY_TAG, speed_key
 from tasks.cost_tasks import (
@@ -163,6 +166,10 @@ def run_attempt(settings: OppenSettings, ledger: Ledger, book: PriceBook, reques
         open_run_budget(settings, ledger, book, cost, experiment=request.experiment, workload=plan.name,
                         run_key=run_key, attempt_id=attempt_id, billing_from=slots.acquired_at, tracking=tracking,
                         title=f"{plan.name} run {name}", events=events) as budget,
+        # Innermost: its scrape target goes before the money settles; a port it cannot bind is a warning only.
+        RunExporter(RunIdentity(flow_run_id=run_key, workload=plan.name, experiment=request.experiment, team=cost.team),
+                    cost.resources, port=settings.metrics_port, host=settings.metrics_host,
+                    targets_dir=settings.metrics_targets(), cost=lambda: budget_reading(budget)) as metrics,
     ):
         workload = plan.load()
         workload.check_run(run)
@@ -174,8 +181,9 @@ def run_attempt(settings: OppenSettings, ledger: Ledger, book: PriceBook, reques
         link_mlflow_run(events, tracking.info)
         sampler, spot = UtilizationSampler(), _spot_simulator(book, cost)
         story = StoryCallback(story_logger(), budget.meter)  # after the meter: it reads the epoch's forecast
-        trained = train_model(workload, run, checkpoint_dir, tracking, extra_callbacks=[budget.meter, story, sampler],
-                              spot=spot)
+        watched = metrics.callbacks(expected_epoch_seconds=_expected_epoch_seconds(quote))
+        trained = train_model(workload, run, checkpoint_dir, tracking,
+                              extra_callbacks=[budget.meter, story, sampler, *watched], spot=spot)
         evaluation = evaluate_model(workload, trained, run, tracking)
         model_uri = log_model(workload, trained, settings, tracking.run_id, request.model_name)
         slots.release()  # the GPUs are free once the model is saved
@@ -214,6 +222,11 @@ def _ledger(settings: OppenSettings) -> Iterator[Ledger]:
         yield ledger
     finally:
         ledger.dispose()
+
+
+def _expected_epoch_seconds(quote: Quote) -> float | None:
+    """An epoch's seconds by this request's own history; a calibration's guess is too rough to watch a run against."""
+    return epoch_seconds(quote.speed, quote.shape) if quote.speed.source == "history" else None
 
 
 def _spot_simulator(book: PriceBook, cost: CostPolicy) -> SpotSimulator | None:

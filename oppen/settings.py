@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _port_or_off(value: object) -> object:
+    # The environment only gives strings: OPPEN_METRICS_PORT=off switches the run exporter off.
+    return None if isinstance(value, str) and value.strip().lower() == "off" else value
 
 
 class OppenSettings(BaseSettings):
@@ -52,6 +58,17 @@ class OppenSettings(BaseSettings):
         None, description="HMAC secret shared with MLflow's registry webhook; never logged."
     )
 
+    # Monitoring (README, "Monitoring"): each training run serves its own Prometheus metrics while it trains.
+    metrics_port: Annotated[int | None, BeforeValidator(_port_or_off)] = Field(
+        0, ge=0, le=65535, description="Port a training run serves its Prometheus metrics on while it trains; 0: a "
+        "free one (Prometheus finds it through the run's file_sd target); off: no run metrics.")
+    metrics_host: str = Field("127.0.0.1", description="Address the run exporter listens on: loopback on one machine; "
+                              "0.0.0.0 in a pod (the GPU job template sets it), where Prometheus scrapes the pod.")
+    metrics_targets_dir: Path | None = Field(None, description="Where runs publish their Prometheus file_sd targets; "
+                                             "None: home/metrics-targets.")
+    alert_receiver_token: SecretStr | None = Field(
+        None, description="Bearer token Alertmanager sends to the alert receiver (at least 16 characters); never logged.")
+
     @cached_property
     def tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:
@@ -95,6 +112,9 @@ class OppenSettings(BaseSettings):
         if not target.is_relative_to(base):
             raise ValueError(f"checkpoint directory {'/'.join(parts)!r} leads outside the checkpoint root {base}")
         return target
+
+    def metrics_targets(self) -> Path:
+        return Path(self.metrics_targets_dir or self.home / "metrics-targets").resolve()
 
     def journal_dir(self) -> Path:
         return Path(self.settlement_journal or self.checkpoint_base() / ".settlements").resolve()

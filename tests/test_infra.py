@@ -76,6 +76,12 @@ def test_base_has_the_platform():
     assert find(objects, "PersistentVolumeClaim", "oppen-checkpoints", "ml-training")
     assert find(objects, "ConfigMap", "oppen-runtime", "ml-training")
     assert find(objects, "NetworkPolicy", "default-deny-ingress", "ml-training")
+    # Denied everything else, a training pod is still scraped: Prometheus may reach its named metrics port only.
+    [scrape] = find(objects, "NetworkPolicy", "scrape-training-runs", "ml-training")
+    assert [port["port"] for rule in scrape["spec"]["ingress"] for port in rule["ports"]] == ["oppen-metrics"]
+    # The Prefect API is reachable from Oppen's namespaces (worker, flow runs, exporter, alert receiver).
+    [prefect] = find(objects, "NetworkPolicy", "prefect-server-from-oppen", "ml-training")
+    assert [port["port"] for rule in prefect["spec"]["ingress"] for port in rule["ports"]] == [4200]
 
 
 @needs_kubectl

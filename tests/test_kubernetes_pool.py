@@ -271,3 +271,10 @@ def test_a_gpu_run_must_be_priced_as_what_its_pod_holds(parameters, variables, o
     else:
         with pytest.raises(ValueError, match="make them agree"):
             check_priced_as_scheduled(parameters, variables, TEMPLATE)
+
+
+def test_training_pods_serve_run_metrics_on_the_port_the_pod_monitor_scrapes():
+    manifest = render({})
+    assert container(manifest)["ports"] == [{"name": "oppen-metrics", "containerPort": 8781, "protocol": "TCP"}]
+    assert env_of(manifest)["OPPEN_METRICS_PORT"] == "8781" and env_of(manifest)["OPPEN_METRICS_HOST"] == "0.0.0.0"
+    validate_manifest(manifest)

@@ -39,6 +39,8 @@ PRIORITY_CLASSES = ("oppen-urgent", "oppen-normal", "oppen-background")
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set on every GPU node by NVIDIA GPU feature discovery
 SPOT_LABEL = "oppen.io/spot"
 DEFAULT_GPU_TYPE = "NVIDIA-L4"
+RUN_METRICS_PORT_NAME = "oppen-metrics"  # infra/monitoring/scrape's PodMonitor scrapes the pods' port of this name
+RUN_METRICS_PORT = 8781
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
@@ -158,7 +160,9 @@ def derive(default: dict[str, Any]) -> dict[str, Any]:
 
     configuration = template["job_configuration"]
     # Fixed env under the user's: Prefect merges deployment env over this dict.
-    configuration["env"] = {"OPPEN_CHECKPOINT_ROOT": "{{ checkpoint_mount_path }}"}
+    # The run serves its Prometheus metrics on a fixed, named port on every interface of its pod.
+    configuration["env"] = {"OPPEN_CHECKPOINT_ROOT": "{{ checkpoint_mount_path }}",
+                            "OPPEN_METRICS_PORT": str(RUN_METRICS_PORT), "OPPEN_METRICS_HOST": "0.0.0.0"}
     job = configuration["job_manifest"]
     job["spec"]["activeDeadlineSeconds"] = "{{ active_deadline_seconds }}"
     pod = job["spec"]["template"]["spec"]
@@ -170,6 +174,7 @@ def derive(default: dict[str, Any]) -> dict[str, Any]:
     job["spec"]["template"]["metadata"] = {"labels": {"oppen.io/spot": "spot-{{ spot }}"}}
     container = pod["containers"][0]
     container["resources"]["limits"]["nvidia.com/gpu"] = "{{ gpu_count }}"
+    container["ports"] = [{"name": RUN_METRICS_PORT_NAME, "containerPort": RUN_METRICS_PORT, "protocol": "TCP"}]
     container["volumeMounts"] = [
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "checkpoints", "mountPath": "{{ checkpoint_mount_path }}"},

@@ -26,8 +26,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from uuid import UUID
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -37,6 +36,7 @@ from oppen.alerts.mapping import events_for
 from oppen.alerts.payload import MalformedPayload, parse_payload
 from oppen.mlflow_webhook_receiver import emit_to_prefect
 from oppen.mlflow_webhooks import PrefectEventSpec
+from oppen.settings import load_settings
 
 WEBHOOK_PATH = "/alertmanager"
 DEFAULT_PORT = 8766  # beside the MLflow webhook receiver's 8765
@@ -60,17 +60,9 @@ class ReceiverError(RuntimeError):
     """A setup mistake, told to the user in one sentence."""
 
 
-class ReceiverSettings(BaseSettings):
-    """The receiver's own setting (OPPEN_ALERT_RECEIVER_*), read when `serve` starts."""
-
-    model_config = SettingsConfigDict(env_prefix="OPPEN_ALERT_RECEIVER_", extra="ignore", frozen=True)
-
-    token: SecretStr | None = Field(
-        None, description="Bearer token Alertmanager sends (http_config.authorization); None: no check. Never logged.")
-
-
 def load_token() -> SecretStr | None:
-    token = ReceiverSettings().token
+    """OPPEN_ALERT_RECEIVER_TOKEN from the one settings object, read when `serve` starts."""
+    token = load_settings().alert_receiver_token
     if token is not None and len(token.get_secret_value()) < MIN_TOKEN_LENGTH:
         raise ReceiverError(f"OPPEN_ALERT_RECEIVER_TOKEN must be at least {MIN_TOKEN_LENGTH} characters "
                             "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")

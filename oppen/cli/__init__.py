@@ -10,7 +10,9 @@ from __future__ import annotations
 import sys
 
 DELEGATED = {"automations": "automations as code: apply automations.yaml",
-             "mlflow-webhook": "serve or register the MLflow registry webhook receiver"}
+             "mlflow-webhook": "serve or register the MLflow registry webhook receiver",
+             "exporter": "serve Oppen's platform metrics (queues, budgets, outcomes) for Prometheus",
+             "alerts": "serve the Alertmanager webhook receiver (Prometheus alerts to Prefect events)"}
 
 
 def _delegate(command: str, rest: list[str]) -> int:
@@ -18,6 +20,14 @@ def _delegate(command: str, rest: list[str]) -> int:
         from oppen.automations import main as automations_main
 
         return automations_main(rest)
+    if command == "exporter":
+        from oppen.metrics.platform_exporter import main as exporter_main
+
+        return exporter_main(rest)
+    if command == "alerts":
+        from oppen.alerts.receiver import main as alerts_main
+
+        return alerts_main(rest)
     from oppen.mlflow_webhook_receiver import main as receiver_main
 
     return receiver_main(rest)

@@ -33,10 +33,15 @@ class MetricSpec:
 
 RUN_METRICS = [
     # training
-    MetricSpec("oppen_training_loss", "gauge", "Training loss of the latest step.", RUN_LABELS),
+    MetricSpec("oppen_training_loss", "gauge",
+               "Training loss, smoothed over the latest steps (exponential moving average, span 20 steps).",
+               RUN_LABELS),
     MetricSpec("oppen_training_validation_metric", "gauge",
-               "Latest validation result (accuracy for mnist, perplexity for lm).", RUN_LABELS + ("metric",)),
-    MetricSpec("oppen_training_samples_per_second", "gauge", "Throughput over the latest steps.", RUN_LABELS),
+               "Latest validation result, one series per figure the workload reports at an epoch end (metric: "
+               "val_accuracy and val_loss for mnist, val_perplexity and val_loss for lm).", RUN_LABELS + ("metric",)),
+    MetricSpec("oppen_training_samples_per_second", "gauge",
+               "Throughput over the latest steps of the epoch in progress (up to 32), wall time between steps.",
+               RUN_LABELS),
     MetricSpec("oppen_training_epoch", "gauge", "Epoch in progress (1-based).", RUN_LABELS),
     MetricSpec("oppen_training_step", "gauge", "Optimizer steps done.", RUN_LABELS),
     MetricSpec("oppen_training_total_steps", "gauge", "Optimizer steps planned.", RUN_LABELS),
@@ -47,13 +52,18 @@ RUN_METRICS = [
     # resources
     MetricSpec("oppen_run_cpu_percent", "gauge", "CPU use of the run's process tree (100 = one core).", RUN_LABELS),
     MetricSpec("oppen_run_cpu_cores_requested", "gauge", "CPU cores the run is billed for.", RUN_LABELS),
-    MetricSpec("oppen_run_gpu_utilization_percent", "gauge", "Mean utilisation of the run's GPUs.", RUN_LABELS),
+    MetricSpec("oppen_run_gpu_utilization_percent", "gauge",
+               "Mean utilisation of the run's GPUs (NVML; absent without GPUs or NVML).", RUN_LABELS),
+    MetricSpec("oppen_run_gpu_memory_bytes", "gauge",
+               "GPU memory in use on the run's GPUs, summed (NVML; absent without GPUs or NVML).", RUN_LABELS),
     MetricSpec("oppen_run_gpus", "gauge", "GPUs the run holds.", RUN_LABELS),
     MetricSpec("oppen_run_memory_bytes", "gauge", "Resident memory of the run's process tree.", RUN_LABELS),
     MetricSpec("oppen_run_memory_limit_bytes", "gauge",
-               "Memory the run may use: its request (memory_gib), else the machine's.", RUN_LABELS),
+               "Memory the run may use: its request (memory_gib), else its container's limit, else the machine's.",
+               RUN_LABELS),
     # cost
-    MetricSpec("oppen_run_cost_accrued_usd", "gauge", "What the run has cost so far (all attempts).", RUN_LABELS),
+    MetricSpec("oppen_run_cost_accrued_usd", "gauge",
+               "What the run has cost so far (all attempts), as of the meter's latest step.", RUN_LABELS),
     MetricSpec("oppen_run_cost_forecast_usd", "gauge", "Forecast total cost of the run.", RUN_LABELS),
     MetricSpec("oppen_run_cost_cap_usd", "gauge", "The run's cap (absent without one).", RUN_LABELS),
 ]
@@ -61,8 +71,9 @@ RUN_METRICS = [
 PLATFORM_METRICS = [
     # queue
     MetricSpec("oppen_queue_pending_runs", "gauge", "Flow runs scheduled or pending in the queue.", ("pool", "queue")),
-    MetricSpec("oppen_queue_late_runs", "gauge", "Pending runs past their start time by more than the late threshold.",
-               ("pool", "queue")),
+    MetricSpec("oppen_queue_late_runs", "gauge",
+               "Pending runs in Prefect's Late state: past their start time by more than the server's late threshold "
+               "(PREFECT_SERVER_SERVICES_LATE_RUNS_AFTER_SECONDS).", ("pool", "queue")),
     MetricSpec("oppen_queue_running_runs", "gauge", "Flow runs running from the queue.", ("pool", "queue")),
     MetricSpec("oppen_queue_oldest_wait_seconds", "gauge", "How long the longest-waiting due run has waited.",
                ("pool", "queue")),
@@ -70,14 +81,25 @@ PLATFORM_METRICS = [
     MetricSpec("oppen_queue_held_usd", "gauge", "What the pending runs hold of their budgets.", ("pool", "queue")),
     MetricSpec("oppen_pool_online_workers", "gauge", "Workers polling the pool.", ("pool",)),
     # budgets
-    MetricSpec("oppen_budget_amount_usd", "gauge", "A budget's amount.", ("team", "experiment", "period")),
+    MetricSpec("oppen_budget_amount_usd", "gauge",
+               "A budget's amount (experiment is empty for a team-wide budget; period: total or monthly).",
+               ("team", "experiment", "period")),
     MetricSpec("oppen_budget_spent_usd", "gauge", "Charged against the budget (this month for monthly ones).",
                ("team", "experiment", "period")),
     MetricSpec("oppen_budget_held_usd", "gauge", "Held against the budget by running and queued runs.",
                ("team", "experiment", "period")),
     # outcomes
-    MetricSpec("oppen_flow_runs_finished_total", "counter", "Flow runs that reached a final state, by state.",
-               ("deployment", "state_type", "state_name")),
+    MetricSpec("oppen_flow_runs_finished_total", "counter",
+               "Flow runs of a deployment (flow/deployment) in a final state, by state, as Prefect counts them; "
+               "never decreases while the exporter runs.", ("deployment", "state_type", "state_name")),
+    # the platform exporter's own polls (source: queues, workers, budgets, outcomes); a failed source's series
+    # are left out rather than served stale
+    MetricSpec("oppen_exporter_poll_success", "gauge", "1 when the latest poll of the source worked, else 0.",
+               ("source",)),
+    MetricSpec("oppen_exporter_last_success_timestamp_seconds", "gauge",
+               "Unix time of the source's latest successful poll.", ("source",)),
+    MetricSpec("oppen_exporter_poll_duration_seconds", "gauge", "How long the source's latest poll took.",
+               ("source",)),
 ]
 
 ALL = {spec.name: spec for spec in RUN_METRICS + PLATFORM_METRICS}
