@@ -48,6 +48,12 @@ MLFLOW_WEBHOOK_ENV = {
 }
 # Stack state that says how a running MLflow was started: an MLflow from before the webhooks is restarted.
 MLFLOW_FLAVOUR = "webhooks-v1"
+# The server's own settings. Concurrency leases (the `gpu-slots` a GPU run holds) live in memory by default:
+# a server restart would forget them, the run's release would find no lease, and the slots would stay taken
+# for good; on disk they outlive a restart (tests/test_integration_server_restart.py). A setting already in
+# the environment wins. Its /api/metrics (process and worker-channel series) is on, for Prometheus.
+PREFECT_SERVER_ENV = {"PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+                      "PREFECT_SERVER_METRICS_ENABLED": "true"}
 # Poll often: the default 10 s query interval is most of a short run's dispatch latency.
 WORKER_QUERY_SECONDS = "2"
 # The servers share the machine with training: at normal priority their background services
@@ -243,7 +249,7 @@ class LocalStack:
         (self.home / "prefect").mkdir(parents=True, exist_ok=True)
         if not self._alive("prefect"):
             print(f"starting Prefect server on 127.0.0.1:{ports['prefect']} (SQLite under {self.home / 'prefect'})")
-            proc = self._spawn("prefect", prefect_server_argv(ports["prefect"]), env, niced=True)
+            proc = self._spawn("prefect", prefect_server_argv(ports["prefect"]), PREFECT_SERVER_ENV | env, niced=True)
             wait_prefect_healthy(ports["prefect"], proc, self.logs / "prefect.log")
         if not self._alive("mlflow"):
             print(f"starting MLflow on 127.0.0.1:{ports['mlflow']} (SQLite + {self.home / 'mlartifacts'})")

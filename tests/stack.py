@@ -27,8 +27,16 @@ def poll_until(predicate, timeout: float, interval: float = 0.2):
 
 
 class PrefectStack:
-    def __init__(self, root: Path) -> None:
+    """A server (SQLite by default), a worker and the environment their clients share.
+
+    `server_env` goes to the server only: its database (`PREFECT_API_DATABASE_CONNECTION_URL`), lease
+    storage and messaging settings (tests/prefect_backends.py builds them for PostgreSQL and Redis).
+    """
+
+    def __init__(self, root: Path, server_env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.server_env = dict(server_env or {})
+        self.server: subprocess.Popen | None = None
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -50,17 +58,26 @@ class PrefectStack:
             "OPPEN_IMAGE": "registry.example.com/oppen-train:test",
         }
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, argv: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "ab")
-        process = subprocess.Popen(argv, env=self.env, cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(argv, env=self.env | (env_extra or {}), cwd=PROJECT_DIR, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(process)
         return process
 
     def start_server(self) -> None:
+        """Start the server (again, after `stop_server`: same port, same database) and wait until it is healthy."""
         (self.root / "prefect").mkdir(parents=True, exist_ok=True)
-        server = self.spawn("server", prefect_server_argv(self.port))
-        wait_prefect_healthy(self.port, server, self.root / "server.log")
+        self.server = self.spawn("server", prefect_server_argv(self.port), self.server_env)
+        wait_prefect_healthy(self.port, self.server, self.root / "server.log")
+
+    def stop_server(self, timeout: float = 30) -> None:
+        """SIGTERM to the server's process group, as Kubernetes stops a pod; the worker and flow runs go on."""
+        server, self.server = self.server, None
+        if server is None:
+            return
+        _terminate(server, timeout)
+        self.processes.remove(server)
 
     def run(self, *argv: str, check: bool = True, timeout: float = 300,
             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -116,3 +133,16 @@ class PrefectStack:
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
         return path.read_text()[-4000:] if path.exists() else ""
+
+
+def _terminate(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to a process's group, SIGKILL after `timeout`, and wait until its leader is gone."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except OSError:
+        pass
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
