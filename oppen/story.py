@@ -67,10 +67,13 @@ def not_registered_line(metric: str, value: float, threshold: float, higher_is_b
     return f"not registered: {metric_phrase(metric, value)}, the threshold is {need} {threshold:g}"
 
 
-def settled_line(cost_usd: float, cap_usd: float | None, status: str, quote_error: float | None, booked: bool) -> str:
+def settled_line(cost_usd: float, cap_usd: float | None, status: str, quote_error: float | None, booked: bool,
+                 attempt: int = 1, attempt_usd: float | None = None) -> str:
     """"settled $0.000351 of $0.0005 cap (70.2%) · quote error +2.6% · booked in the ledger"."""
     cap = f" of {usd(cap_usd)} cap ({percent(cost_usd / cap_usd)})" if cap_usd else ""
     parts = [f"settled {usd(cost_usd)}{cap}" + ("" if status == "settled" else f" ({status})")]
+    if attempt > 1 and attempt_usd is not None:
+        parts.append(f"attempt {attempt} {usd(attempt_usd)}, earlier attempts {usd(cost_usd - attempt_usd)}")
     if quote_error is not None:
         parts.append(f"quote error {signed_percent(quote_error)}")
     parts.append("booked in the ledger" if booked else "waiting for the ledger (oppen reconcile books it)")

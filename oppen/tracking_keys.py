@@ -30,7 +30,7 @@ COST_FORECAST = "cost/forecast_usd"  # the meter's forecast of the run's total
 COST_EPOCH = "cost/epoch_usd"  # what each epoch cost on its own (not cumulative), at its last step
 
 # --- cost at settlement (oppen.cost.settlement.RunCost.mlflow_metrics) -------------------------------
-COST_TOTAL = "cost/usd"  # the run's total over its attempts: the ledger's figure
+COST_TOTAL = "cost/total_usd"  # the run's total over its attempts: the ledger's figure
 COST_ATTEMPT = "cost/attempt_usd"  # step = the attempt: each attempt's own part
 COST_ATTEMPTS = "cost/attempts"
 COST_TRAINING = "cost/training_usd"

@@ -223,9 +223,10 @@ class PrefectCostReporter:
         self.logger = get_run_logger()
 
     def forecast(self, point: ForecastPoint) -> None:
-        metrics = {keys.COST_FORECAST: point.forecast_usd, keys.COST_ACCRUED: point.accrued_usd}
+        # To the nano-dollar (the meter's floats carry 17 digits of noise, which MLflow would print).
+        metrics = {keys.COST_FORECAST: round(point.forecast_usd, 9), keys.COST_ACCRUED: round(point.accrued_usd, 9)}
         if point.epoch_usd is not None:
-            metrics[keys.COST_EPOCH] = point.epoch_usd  # what this epoch cost on its own
+            metrics[keys.COST_EPOCH] = round(point.epoch_usd, 9)  # what this epoch cost on its own
         self.tracking.log(metrics, point.step)
 
     def event(self, event: CostEvent) -> None:
@@ -240,17 +241,27 @@ class PrefectCostReporter:
 
 @task(cache_policy=NONE, retries=3, retry_delay_seconds=[1, 3, 10])
 def publish_cost(settings: OppenSettings, settled: SettledCost, mlflow_run_id: str | None, title: str) -> None:
-    """MLflow and the artifacts get the ledger's figures; retried alone, it never books anything again."""
+    """MLflow gets the ledger's figures and the cost report; retried alone, it never books anything again."""
+    if not mlflow_run_id:
+        return
     cost = settled.cost
-    booking = f"not yet in the ledger: {settled.pending_reason}" if settled.pending else "booked in the ledger"
-    report = render_cost_markdown(cost, title, booking)
-    if mlflow_run_id:
-        client = client_for(settings)
-        # Step = the attempt: cost/attempt_usd keeps each attempt's part, cost/usd ends at the run's total.
-        log_metrics(client, mlflow_run_id, cost.mlflow_metrics(), cost.attempt, tags={
-            "oppen.cost_status": cost.status, "oppen.settlement": "pending" if settled.pending else "booked"})
-        client.log_text(mlflow_run_id, report, "cost_report.md")
+    client = client_for(settings)
+    # Step = the attempt: cost/attempt_usd keeps each attempt's part, cost/total_usd ends at the run's total.
+    log_metrics(client, mlflow_run_id, cost.mlflow_metrics(), cost.attempt, tags={
+        "oppen.cost_status": cost.status, "oppen.settlement": "pending" if settled.pending else "booked"})
+    client.log_text(mlflow_run_id, render_cost_markdown(cost, title, _booking(settled)), "cost_report.md")
+
+
+def publish_cost_artifacts(settled: SettledCost, title: str) -> None:
+    """The cost report and its table as artifacts of the flow run itself (made in the flow, not in a task, so
+    Prefect lists them under the flow run), each description leading with the amount."""
+    cost = settled.cost
     headline_text = headline(cost)
-    create_markdown_artifact(report, key=artifact_key("cost"), description=f"{headline_text}: cost of {title}")
+    create_markdown_artifact(render_cost_markdown(cost, title, _booking(settled)), key=artifact_key("cost"),
+                             description=f"{headline_text}: cost of {title}")
     create_table_artifact([{"figure": figure, "value": value} for figure, value in cost_rows(cost)],
                           key=artifact_key("cost-table"), description=f"{headline_text}: cost figures of {title}")
+
+
+def _booking(settled: SettledCost) -> str:
+    return f"not yet in the ledger: {settled.pending_reason}" if settled.pending else "booked in the ledger"

@@ -13,8 +13,9 @@ from oppen.cost.run_budget import RunBudget, SettledCost
 from oppen.events import COST_SETTLED, RunEventContext, emit_run_event
 from oppen.settings import OppenSettings
 from oppen.story import settled_line
-from tasks.cost_tasks import PrefectCostReporter, publish_cost
+from tasks.cost_tasks import PrefectCostReporter, publish_cost, publish_cost_artifacts
 from tasks.mlflow_tasks import TrackingRun
+from tasks.run_events import tag_cost
 from tasks.run_story import story_logger
 
 
@@ -32,8 +33,18 @@ def open_run_budget(
 
     def publish(settled: SettledCost) -> None:
         cost = settled.cost
-        story_logger().info(settled_line(cost.cost_usd, cost.cap_usd, cost.status, cost.quote_error, not settled.pending))
-        publish_cost(settings, settled, tracking.run_id, title)
+        story_logger().info(settled_line(cost.cost_usd, cost.cap_usd, cost.status, cost.quote_error, not settled.pending,
+                                         cost.attempt, cost.attempt_cost_usd))
+        # Each view of the money on its own: MLflow being down must not keep the figure out of Prefect.
+        failures = []
+        for step in (lambda: publish_cost(settings, settled, tracking.run_id, title),
+                     lambda: publish_cost_artifacts(settled, title), lambda: tag_cost(events.flow_run_id, cost.cost_usd)):
+            try:
+                step()
+            except Exception as error:
+                failures.append(error)
+        if failures:
+            raise failures[0]
         emit_run_event(events, COST_SETTLED, {
             "status": cost.status, "cost_usd": cost.attempt_cost_usd, "run_cost_usd": cost.cost_usd,
             "cap_usd": cost.cap_usd, "quote_usd": cost.quote_expected_usd, "attempt": cost.attempt,

@@ -20,11 +20,13 @@ from oppen.events import (
     model_event_id,
     model_resource,
 )
+from oppen.display import usd
 from oppen.links import prefect_flow_run_url
 from tasks.mlflow_tasks import TrackingInfo
 from tasks.registry import RegisteredVersion
 
 MLFLOW_TAG_PREFIX = "mlflow:"  # flow-run tag `mlflow:<experiment id>/<run id>`: automations link the MLflow run
+COST_TAG_PREFIX = "cost:"  # flow-run tag `cost:$0.000351`, the run's settled cost, in Prefect's run header
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +50,27 @@ def link_mlflow_run(events: RunEventContext, info: TrackingInfo) -> None:
     events.mlflow_run_id = info.run_id
     if info.run_url:
         events.links["mlflow"] = info.run_url
-    if not events.flow_run_id:
+    _retag(events.flow_run_id, MLFLOW_TAG_PREFIX, f"{info.experiment_id}/{info.run_id}")
+
+
+def tag_cost(flow_run_id: str | None, cost_usd: float) -> None:
+    """`cost:$0.000351` on the flow run: Prefect's run header and runs list show tags, not the state's message."""
+    _retag(flow_run_id, COST_TAG_PREFIX, usd(cost_usd))
+
+
+def _retag(flow_run_id: str | None, prefix: str, value: str) -> None:
+    """Replace the flow run's `prefix...` tag, keeping every other tag as the server has them now."""
+    if not flow_run_id:
         return
     from prefect.client.orchestration import get_client
 
     try:
         with get_client(sync_client=True) as client:
-            tags = [tag for tag in flow_run.get_tags() if not tag.startswith(MLFLOW_TAG_PREFIX)]
-            client.update_flow_run(UUID(events.flow_run_id),
-                                   tags=[*tags, f"{MLFLOW_TAG_PREFIX}{info.experiment_id}/{info.run_id}"])
-    except Exception as error:  # a link for alerts only: never worth failing a run over
-        log.warning("could not tag the flow run with its MLflow run: %s", error)
+            current = client.read_flow_run(UUID(flow_run_id)).tags or []
+            tags = [tag for tag in current if not tag.startswith(prefix)]
+            client.update_flow_run(UUID(flow_run_id), tags=[*tags, f"{prefix}{value}"])
+    except Exception as error:  # a label for people and alerts only: never worth failing a run over
+        log.warning("could not tag the flow run with %s%s: %s", prefix, value, error)
 
 
 def announce_registration(registered: RegisteredVersion, events: RunEventContext, mlflow_run_id: str) -> None:

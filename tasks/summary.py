@@ -7,9 +7,8 @@ the cost and the result, so both UIs answer "what did it cost and what did it bu
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict
 
 from oppen.cost.cost_story import headline
@@ -61,13 +60,15 @@ def describe(summary: TrainingSummary) -> str:
     train, cost = summary.train, summary.cost
     lines = [f"**{state_message(summary)}**", ""]
     stopped = f", stopped early: {train.stop_reason}" if train.stopped_early else ""
-    lines.append(f"{train.epochs_completed} epoch(s), {train.steps:,}/{train.total_steps:,} steps in "
+    epochs = len(train.history)  # epochs it trained in, the last one possibly cut short by max_steps
+    lines.append(f"{train.steps:,}/{train.total_steps:,} steps over {epochs} epoch{'s' if epochs != 1 else ''} in "
                  f"{duration(train.train_seconds)} on {train.device} ({train.samples_per_second:,.0f} samples/s)"
                  f"{stopped}.")
     if cost is not None:
         quote = f"quoted {usd(cost.quote_expected_usd)}" if cost.quote_expected_usd is not None else "not quoted"
         booked = "waiting for the ledger" if summary.settlement_pending else "booked in the ledger"
-        lines.append(f"Cost {usd(cost.cost_usd)} ({quote}; {booked}); the breakdown is in `cost_report.md`.")
+        lines.append(f"Cost {usd(cost.cost_usd)} ({quote}; {booked}); where it went is in the Artifacts tab, "
+                     "`cost_report.md`.")
     if summary.registered:
         lines.append(f"Registered as `{summary.registered.name}` version {summary.registered.version} "
                      f"(alias `{summary.registered.alias}`).")
@@ -124,12 +125,12 @@ def render_markdown(summary: TrainingSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
-@task(cache_policy=NONE)
 def publish_summary(settings: OppenSettings, summary: TrainingSummary) -> TrainingSummary:
     """The summary artifact on the flow run; the run's and the version's descriptions and summary.md in MLflow.
 
-    MLflow's part is a view of figures the ledger and MLflow already hold: if MLflow is down now, the run
-    still completes, with a warning.
+    Called in the flow, not as a task, so Prefect lists the artifact under the flow run. MLflow's part is
+    a view of figures the ledger and MLflow already hold: if MLflow is down now, the run still
+    completes, with a warning.
     """
     markdown = render_markdown(summary)
     create_markdown_artifact(markdown=markdown, key=artifact_key("summary"),

@@ -76,7 +76,7 @@ def test_get_experiment_metrics_has_the_runs_figures_and_links(trained, in_proce
     assert metrics.flow_run_id == trained.flow_run_id and metrics.workload == "mnist" and metrics.team == "default"
     assert metrics.params["run.max_steps"] == "30"
     assert {"test/accuracy"} <= set(metrics.metrics.test) and {"val/accuracy"} <= set(metrics.metrics.validation)
-    assert {"cost/usd", "speed/seconds_per_sample"} <= set(metrics.metrics.cost) and "train/loss" in metrics.metrics.train
+    assert {"cost/total_usd", "speed/seconds_per_sample"} <= set(metrics.metrics.cost) and "train/loss" in metrics.metrics.train
     assert metrics.params["quote.expected_usd"] and metrics.params["shape.steps_per_epoch"]  # constants are params
     assert metrics.tags["prefect.flow_run_id"] == trained.flow_run_id
     assert metrics.links.prefect and trained.flow_run_id in metrics.links.prefect
@@ -119,7 +119,7 @@ def test_cost_by_flow_run_and_by_mlflow_run_agree_to_the_micro_dollar(trained, i
     assert cost.cap_micros == 500_000 and cost.quote_micros == row["quote_micros"]
     assert [a.status for a in cost.attempts] == ["settled"] and cost.attempts[0].cost_micros == cost.spent_micros
     assert sum(charge.amount_micros for charge in cost.charges) == cost.spent_micros
-    assert "cost/usd" in cost.mlflow_metrics and cost.summary.startswith("settled: $")
+    assert "cost/total_usd" in cost.mlflow_metrics and cost.summary.startswith("settled: $")
     with pytest.raises(NotFound):
         calculate_training_cost(str(uuid.uuid4()))
     with pytest.raises(NotFound):

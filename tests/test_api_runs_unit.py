@@ -42,12 +42,12 @@ def _reserve(ledger: Ledger, key: str, usd: float, experiment: str = "mnist", **
 
 def test_metrics_are_grouped_by_what_they_measure():
     groups = group_metrics({
-        "cost/usd": 0.1, "cost/gpu_hours": 0.0, "cost/spot_lost_usd": 0.0, "speed/seconds_per_sample": 1e-4,
+        "cost/total_usd": 0.1, "cost/gpu_hours": 0.0, "cost/spot_lost_usd": 0.0, "speed/seconds_per_sample": 1e-4,
         "train/loss": 0.3, "train/epoch": 1, "train/samples_per_second": 900.0, "val/accuracy": 0.9,
         "test/accuracy": 0.95, "eval/perplexity": 40.0, "utilization/cpu_cores_mean": 1.5,
         "system/cpu_utilization_percentage": 80.0, "custom": 1.0,
     })
-    assert set(groups.cost) == {"cost/usd", "cost/gpu_hours", "cost/spot_lost_usd", "speed/seconds_per_sample"}
+    assert set(groups.cost) == {"cost/total_usd", "cost/gpu_hours", "cost/spot_lost_usd", "speed/seconds_per_sample"}
     assert set(groups.train) == {"train/loss", "train/epoch", "train/samples_per_second"}
     assert set(groups.validation) == {"val/accuracy"} and set(groups.test) == {"test/accuracy", "eval/perplexity"}
     assert set(groups.system) == {"utilization/cpu_cores_mean", "system/cpu_utilization_percentage"}

@@ -74,7 +74,7 @@ def test_settled_run_agrees_in_ledger_mlflow_and_artifact(stack, settled):
     metrics = run.data.metrics
     assert row["status"] == "settled" and row["held_micros"] == 0 and row["mlflow_run_id"] == run.info.run_id
     # One figure everywhere, to the micro-dollar: the ledger's integer, MLflow, both artifacts, the state.
-    assert row["spent_micros"] == to_micros(metrics["cost/usd"]) == to_micros(metrics["cost/attempt_usd"]) > 0
+    assert row["spent_micros"] == to_micros(metrics["cost/total_usd"]) == to_micros(metrics["cost/attempt_usd"]) > 0
     amount = format_usd(row["spent_micros"])
     artifacts = {a.key: a for a in _artifacts(stack, flow_run_id)}
     # Keyed per deployment and kind, so each run adds a version under four stable keys; the amount leads.
@@ -144,7 +144,7 @@ def test_unknown_team_fails_before_anything_is_spent(stack):
 
 def test_capped_run_stops_mid_run_with_a_checkpoint_within_one_step_of_its_cap(stack, settled):
     _, normal = settled
-    cap = 0.5 * normal.data.metrics["cost/usd"]
+    cap = 0.5 * normal.data.metrics["cost/total_usd"]
     result, flow_run_id = _deployment_run(stack, f"run={json.dumps(COST_RUN)}", "min_test_accuracy=0.0",
                                           f'cost={{"max_cost_usd": {cap!r}}}')
     assert "Completed" in result.stdout
@@ -154,13 +154,13 @@ def test_capped_run_stops_mid_run_with_a_checkpoint_within_one_step_of_its_cap(s
     # The guarantee: training stops one step before the step that would leave too little for the tail.
     assert metrics["cost/at_training_end_usd"] + metrics["cost/tail_reserve_usd"] <= cap
     # And the settled total lands under the cap: the tail reserve is deliberately generous (1.5x + 1 s).
-    assert 0.5 * cap <= metrics["cost/usd"] <= cap
+    assert 0.5 * cap <= metrics["cost/total_usd"] <= cap
     # The flow run's own output reaches the worker's log on its own schedule (a loaded machine: seconds later).
     stack.wait_for(lambda: "budget cap" in stack.log("worker"), 60, "the cap's log line in the worker log")
     ledger = _ledger(stack)
     [row] = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
     ledger.dispose()
-    assert row["status"] == "stopped" and row["spent_micros"] == to_micros(metrics["cost/usd"])
+    assert row["status"] == "stopped" and row["spent_micros"] == to_micros(metrics["cost/total_usd"])
     state = _read_flow_run(stack, flow_run_id).state
     assert state.message.startswith(f"{format_usd(row['spent_micros'])} of ") and ", stopped at its cap · " in state.message
     checkpoint = stack.root / "oppen" / "checkpoints" / "mnist" / flow_run_id / "last.pt"

@@ -152,4 +152,4 @@ def test_mlflow_down_during_training_loses_no_metric_and_no_money(stack, mlflow_
         [row] = [r for r in ledger.rows() if r["run_key"] == flow_run_id]
     finally:
         ledger.dispose()
-    assert row["status"] == "settled" and row["spent_micros"] == to_micros(run.data.metrics["cost/usd"]) > 0
+    assert row["status"] == "settled" and row["spent_micros"] == to_micros(run.data.metrics["cost/total_usd"]) > 0

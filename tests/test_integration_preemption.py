@@ -127,7 +127,7 @@ def test_sigterm_reschedules_and_the_run_resumes_from_its_checkpoint(stack):
     # MLflow keeps each attempt's part (step = attempt) and the run's total; all three agree to the micro-dollar.
     parts = sorted(mlflow.get_metric_history(run.info.run_id, "cost/attempt_usd"), key=lambda m: m.step)
     assert [to_micros(m.value) for m in parts] == [a["cost_micros"] for a in attempts]
-    assert to_micros(run.data.metrics["cost/usd"]) == rows[0]["spent_micros"] == sum(a["cost_micros"] for a in attempts)
+    assert to_micros(run.data.metrics["cost/total_usd"]) == rows[0]["spent_micros"] == sum(a["cost_micros"] for a in attempts)
 
 
 def test_a_rescheduled_run_with_a_cap_stops_at_the_cap_summed_over_its_attempts(stack):
@@ -165,5 +165,5 @@ def test_a_rescheduled_run_with_a_cap_stops_at_the_cap_summed_over_its_attempts(
     [tracked] = mlflow.search_runs([mlflow.get_experiment_by_name("mnist").experiment_id],
                                    f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
     assert tracked.data.metrics["train/steps_completed"] < run["max_steps"]
-    assert to_micros(tracked.data.metrics["cost/usd"]) == row["spent_micros"]
+    assert to_micros(tracked.data.metrics["cost/total_usd"]) == row["spent_micros"]
     assert tracked.data.metrics["cost/limit_usd"] <= (cap_micros - first["cost_micros"]) / 1e6 + 1e-6

@@ -132,7 +132,7 @@ def test_fractions_and_metrics_read_as_words():
 def test_mlflow_keys_are_grouped_in_sections():
     assert metric_key("val_accuracy") == "val/accuracy" and metric_key("test_accuracy") == "test/accuracy"
     assert metric_key("eval_perplexity") == "eval/perplexity" and metric_key("custom") == "custom"
-    assert section_of("cost/usd") == "cost" and section_of("custom") == ""
+    assert section_of("cost/total_usd") == "cost" and section_of("custom") == ""
 
 
 def test_an_unexpected_failure_is_one_line_naming_where_it_happened():

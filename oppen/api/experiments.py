@@ -278,7 +278,7 @@ def get_experiment_metrics(run_id: str) -> RunMetrics:
 
 
 def metric_group(key: str) -> str:
-    """The group of a key by its MLflow section (cost/usd → cost, val/accuracy → validation)."""
+    """The group of a key by its MLflow section (cost/total_usd → cost, val/accuracy → validation)."""
     return SECTION_GROUPS.get(keys.section_of(key), "other")
 
 

@@ -186,7 +186,7 @@ def run_figures(client: MlflowClient, tracked: Run) -> RunFigures:
     # A resumed run still carries the steps of its earlier attempt; the meter's readings are this attempt's.
     steps_done = max([int(metrics.get(keys.STEPS_COMPLETED, 0))] + [point.step for point in accrued_points])
     running = tracked.info.status in RUNNING_STATUSES
-    # The meter's reading includes earlier attempts; cost/usd is the total at the last settle.
+    # The meter's reading includes earlier attempts; cost/total_usd is the total at the last settle.
     accrued = metrics.get(keys.COST_ACCRUED if running else keys.COST_TOTAL,
                           metrics.get(keys.COST_TOTAL if running else keys.COST_ACCRUED, 0.0))
     step_seconds, source = _step_seconds(metrics, accrued_points, batch)

@@ -88,7 +88,7 @@ class CostSoFar(BaseModel):
     held_micros: Micros = Field(description="Held now (the running attempt's hold, or a queued run's queue hold).")
     held_usd: float = Field(description="The same, in dollars.")
     accrued_usd: float | None = Field(description="The meter's running total, earlier attempts included (MLflow "
-                                      "cost/accrued_usd; cost/usd once settled).")
+                                      "cost/accrued_usd; cost/total_usd once settled).")
     accrued_at_step: int | None = Field(description="The step that total was logged at (the meter logs it ten times "
                                         "an epoch and at each epoch's end); None once settled.")
     quote_micros: Micros | None = Field(description="The expected cost it was quoted, in micro-dollars.")
@@ -233,7 +233,7 @@ def _cost_so_far(view: _View) -> CostSoFar:
     held = sum(a.held_micros for a in view.attempts) + (queued.held_micros if queued and queued.status == HELD else 0)
     quote = booked["quote_micros"] if booked else queued.quote_micros if queued else None
     metrics = view.tracked.data.metrics if view.tracked else {}
-    # cost/usd is the run's total at its last settle; while an attempt runs (a resumed run's second, say),
+    # cost/total_usd is the run's total at its last settle; while an attempt runs (a resumed run's second, say),
     # the meter's running total is the newer figure.
     settled = keys.COST_TOTAL in metrics and not any(attempt.status == RUNNING for attempt in view.attempts)
     return CostSoFar(

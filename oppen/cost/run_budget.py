@@ -238,7 +238,8 @@ class RunBudget:
             self.journal.done(self.attempt_id)
         if settlement is not None:
             cost = cost.with_run_total(settlement.run_spent_micros)
-            self.logger.info("settled %s: this attempt %s, the run %s (%s)", self.run_key,
+            # DEBUG: the flow's story says it to people (tasks/run_budget.py); this is for the engine's own log.
+            self.logger.debug("settled %s: this attempt %s, the run %s (%s)", self.run_key,
                              format_usd(settlement.cost_micros), format_usd(settlement.run_spent_micros), status)
         return SettledCost(cost, settlement, str(path) if path and settlement is None else None, problem)
 

@@ -113,7 +113,10 @@ class RunCost(BaseModel):
                 keys.SPOT_LOST_USD: self.spot_lost_usd} if self.spot else {}),
             **self.utilization,
         }
-        return {key: float(value) for key, value in values.items() if value is not None}
+        # Money to the nano-dollar: the meter's floats carry 17 digits of noise (0.00022166193055555558) that
+        # MLflow prints as they are; the run's total and each attempt's part are exact micro-dollars already.
+        return {key: round(float(value), 9) if key.endswith("_usd") else float(value)
+                for key, value in values.items() if value is not None}
 
 
 def points_of(metric: str, value: float, higher_is_better: bool, baseline: float | None) -> float | None:
