@@ -9,8 +9,6 @@ for this module) would leave automations posting from the session's server after
 
 from __future__ import annotations
 
-from tests.prefect_api import prefect_api
-
 import asyncio
 import os
 import sys
@@ -25,6 +23,7 @@ from oppen.events import ALERT_FIRING, ALERT_RESOLVED, alert_event_id
 from oppen.local_stack import free_port, wait_http
 from tests.alertmanager import Alertmanager
 from tests.slack_server import FakeSlack
+from tests.slack_stack import slack_stack
 from tests.stack import PrefectStack
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -42,24 +41,11 @@ def slack():
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, slack):
-    root = tmp_path_factory.mktemp("alerts")
-    stack = PrefectStack(root)
     # Events reach the database within half a second, so reading them back waits less.
-    stack.env["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL"] = "0.5"
-    budgets = root / "budgets.yaml"
-    budgets.write_text("teams:\n  vision:\n    budget: {amount_usd: 100}\n    slack_channel: '#vision-runs'\n")
-    env = {"OPPEN_HOME": str(root / "oppen"), "OPPEN_SLACK_BOT_TOKEN": SLACK_TOKEN,
-           "OPPEN_SLACK_API_URL": slack.api_url, "OPPEN_SLACK_CHANNEL": "#ml-runs", "OPPEN_BUDGETS_FILE": str(budgets)}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        try:
-            stack.start_server()
-            with prefect_api(stack.api_url):
-                apply_automations(DEFAULT_FILE)
-                yield stack
-        finally:
-            stack.stop()
+    with slack_stack(tmp_path_factory.mktemp("alerts"), slack.api_url, SLACK_TOKEN,
+                     server_env={"PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5"}) as stack:
+        apply_automations(DEFAULT_FILE)
+        yield stack
 
 
 @pytest.fixture(scope="module")

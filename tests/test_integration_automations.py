@@ -4,8 +4,6 @@ block the command keeps. One server for the module; proactive windows shortened 
 
 from __future__ import annotations
 
-from tests.prefect_api import prefect_api
-
 import asyncio
 import time
 from datetime import datetime, timedelta, timezone
@@ -19,6 +17,7 @@ from prefect.states import Crashed, Failed, Pending, Running, Scheduled
 
 from oppen.automations import DEFAULT_FILE, BLOCK_NAME, apply_automations, main
 from tests.slack_server import FakeSlack
+from tests.slack_stack import slack_stack
 from tests.stack import PrefectStack
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -43,24 +42,13 @@ def slack():
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, slack):
-    root = tmp_path_factory.mktemp("automations")
-    stack = PrefectStack(root)
-    stack.env.update(SERVER_ENV)
-    budgets = root / "budgets.yaml"
-    budgets.write_text("teams:\n  vision:\n    budget: {amount_usd: 100}\n    slack_channel: '#vision-runs'\n")
-    env = {"OPPEN_HOME": str(root / "oppen"), "OPPEN_SLACK_BOT_TOKEN": TOKEN, "OPPEN_SLACK_API_URL": slack.api_url,
-           "OPPEN_SLACK_CHANNEL": "#ml-runs", "OPPEN_MLFLOW_UI_URL": MLFLOW_UI, "OPPEN_BUDGETS_FILE": str(budgets)}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        try:
-            stack.start_server()
-            with prefect_api(stack.api_url):
-                yield stack
-        finally:
-            stack.stop()
-            if LATENCIES:
-                print("\nemit -> fake Slack:", ", ".join(f"{k} {v:.2f} s" for k, v in LATENCIES.items()))
+    try:
+        with slack_stack(tmp_path_factory.mktemp("automations"), slack.api_url, TOKEN, server_env=SERVER_ENV,
+                         env={"OPPEN_MLFLOW_UI_URL": MLFLOW_UI}) as stack:
+            yield stack
+    finally:
+        if LATENCIES:
+            print("\nemit -> fake Slack:", ", ".join(f"{k} {v:.2f} s" for k, v in LATENCIES.items()))
 
 
 @pytest.fixture(scope="module")

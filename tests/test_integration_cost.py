@@ -105,7 +105,8 @@ def test_settled_run_agrees_in_ledger_mlflow_and_artifact(stack, settled):
     # Each epoch's own cost, adding up with the run's cost before training to the accrued total at its end.
     epochs = sorted(client.get_metric_history(run.info.run_id, "cost/epoch_usd"), key=lambda m: m.step)
     accrued = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "cost/accrued_usd")}
-    assert len(epochs) == 2 and accrued[epochs[1].step] - accrued[epochs[0].step] == pytest.approx(epochs[1].value)
+    assert len(epochs) == 2
+    assert accrued[epochs[1].step] - accrued[epochs[0].step] == pytest.approx(epochs[1].value, abs=2e-9)  # nano-dollars
     # Accrued cost through the whole run: ten points an epoch, not only in the first.
     second_epoch = [step for step in accrued if epochs[0].step < step <= epochs[1].step]
     assert len(second_epoch) >= 5, sorted(accrued)

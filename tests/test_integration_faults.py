@@ -146,7 +146,7 @@ def test_mlflow_down_during_training_loses_no_metric_and_no_money(stack, mlflow_
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(10, int(steps) + 1, 10))  # every point, once
     assert any(down_from < m.timestamp < down_until for m in history)  # some were made while MLflow was down
-    assert "val_accuracy" in run.data.metrics and "test_accuracy" in run.data.metrics
+    assert "val/accuracy" in run.data.metrics and "test/accuracy" in run.data.metrics
     ledger = Ledger(f"sqlite:///{stack.root / 'oppen' / 'ledger.db'}")
     try:
         [row] = [r for r in ledger.rows() if r["run_key"] == flow_run_id]

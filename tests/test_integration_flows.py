@@ -30,7 +30,7 @@ def test_a_failure_after_training_closes_the_run_failed_and_keeps_its_metrics(in
     client = MlflowClient(in_process.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
     assert run.info.status == "FAILED"
-    assert {"val_accuracy", "train_loss", "test_accuracy"} <= set(run.data.metrics)
+    assert {"val/accuracy", "train/epoch_loss", "test/accuracy"} <= set(run.data.metrics)
     assert run.data.params["run.max_steps"] == "12"
 
 

@@ -74,7 +74,8 @@ def test_mnist_deployment_trains_logs_and_registers(stack):
     assert (stack.root / "oppen" / "checkpoints" / "mnist" / flow_run_id / "last.pt").exists()
     config = client.download_artifacts(run.info.run_id, "config.json")
     assert json.loads(open(config).read())["run"]["max_steps"] == 40
-    for metric in ("train_loss", "val_accuracy", "epoch_seconds", "samples_per_second", "test_accuracy"):
+    for metric in ("train/loss", "train/epoch_loss", "val/accuracy", "train/epoch_seconds", "train/samples_per_second",
+                   "test/accuracy"):
         assert metric in run.data.metrics, metric
     assert run.data.metrics["test/accuracy"] > 0.5
     # The model is logged in the run (MLflow 3 logged model) and loadable.

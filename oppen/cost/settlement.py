@@ -115,7 +115,8 @@ class RunCost(BaseModel):
         }
         # Money to the nano-dollar: the meter's floats carry 17 digits of noise (0.00022166193055555558) that
         # MLflow prints as they are; the run's total and each attempt's part are exact micro-dollars already.
-        return {key: round(float(value), 9) if key.endswith("_usd") else float(value)
+        # Not the cost per point: a ratio of a few micro-dollars, which comparisons need whole.
+        return {key: round(float(value), 9) if key.endswith("_usd") and key != keys.COST_PER_POINT else float(value)
                 for key, value in values.items() if value is not None}
 
 
