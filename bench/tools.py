@@ -288,6 +288,11 @@ def mlflow_payload(run: Planned, fig: Figures, key: str, rng: random.Random):
     return params, metrics, [RunTag(k, v) for k, v in tags.items()]
 
 
+def metrics_of(metrics: list) -> dict[str, float]:
+    """The latest value of each metric of a seeded run (what its settlement books of them)."""
+    return {metric.key: metric.value for metric in sorted(metrics, key=lambda metric: metric.step)}
+
+
 def seed_mlflow_and_ledger(history: History, keys: dict[int, str], rng: random.Random) -> None:
     from mlflow import MlflowClient
 
@@ -315,7 +320,10 @@ def seed_mlflow_and_ledger(history: History, keys: dict[int, str], rng: random.R
         evaluated = run.outcome == "completed"
         run.settle_detail = {"gpu_hours": 0.0, "cpu_hours": 2 * fig.seconds / 3600,
                              "metric": "test_accuracy" if evaluated else None,
-                             "value": fig.test_accuracy if evaluated else None, "attempt": 1}
+                             "value": fig.test_accuracy if evaluated else None, "attempt": 1, "seconds": fig.seconds,
+                             "resources": {"gpus": 0, "gpu_type": None, "cpu_cores": 2.0, "memory_gib": 0.0},
+                             "utilization": {name: value for name, value in metrics_of(metrics).items()
+                                             if name.startswith("utilization/")}}
     history.seconds["mlflow"] = time.perf_counter() - started
     started = time.perf_counter()
     with context.ledger(settings) as ledger:

@@ -103,3 +103,22 @@ def test_a_runs_cost_from_the_ledger_alone(ledger):
     assert [(c.month, c.amount_micros) for c in cost.charges] == [("2026-10", 100_000), ("2026-11", 23_456)]
     assert cost.agrees_with_ledger is None  # no MLflow figure to compare
     assert cost.summary == "settled: $0.123456 spent of a $0.50 cap; quoted $0.40; 1 attempt"
+
+
+def test_a_runs_utilization_comes_from_its_settlement_in_the_ledger(ledger):
+    from oppen.api.reports import ledger_utilization
+
+    booked = _reserve(ledger, "run-1", 0.4, mlflow_run_id="c" * 32)
+    ledger.settle(booked.attempt_id, charges_by_month={"2026-12": 100_000}, mlflow_run_id="c" * 32, detail={
+        "attempt": 1, "seconds": 12.5, "resources": {"gpus": 0, "gpu_type": None, "cpu_cores": 2.0, "memory_gib": 0.0},
+        "utilization": {"utilization/cpu_cores_mean": 1.5, "utilization/cpu_cores_peak": 1.9,
+                        "utilization/memory_peak_gib": 0.8}})
+    older = _reserve(ledger, "run-2", 0.4, mlflow_run_id="d" * 32)
+    ledger.settle(older.attempt_id, charges_by_month={"2026-12": 50_000}, mlflow_run_id="d" * 32,
+                  detail={"attempt": 1, "gpu_hours": 0.0})  # booked before the ledger kept utilisation
+    rows = {row["run_key"]: row for row in ledger.rows()}
+    run = ledger_utilization(rows["run-1"])
+    assert (run.status, run.seconds, run.cpu_cores, run.cpu_cores_mean, run.billed_device) == ("FINISHED", 12.5, 2.0, 1.5, "cpu")
+    assert run.utilization == 0.75 and run.cost_micros == 100_000 and run.idle_micros == 25_000
+    assert (run.flow_run_id, run.team, run.experiment, run.workload) == ("run-1", "ml", "mnist", "mnist")
+    assert ledger_utilization(rows["run-2"]) is None  # MLflow is asked for this one

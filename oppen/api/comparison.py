@@ -27,7 +27,7 @@ from tasks.tracking import flatten
 
 
 MIN_CANDIDATES, MAX_CANDIDATES = 2, 20
-QUALITY_RUNS = 100  # the newest finished runs read per candidate for its quality history
+QUALITY_RUNS = 30  # the newest finished runs of the same settings read per candidate for its quality history
 # The run settings that change what a run reaches (besides the speed key's model, data, batch and hardware).
 RECIPE = ("epochs", "learning_rate", "max_steps")
 
@@ -114,31 +114,41 @@ def _candidate(index: int, step):
 
 
 def quality_history(client: MlflowClient, resolved: ResolvedJob) -> Quality:
-    """Finished runs with this speed key (the same settings preferred), else the same settings on other hardware."""
+    """Finished runs with this speed key (the same settings preferred), else the same settings on other hardware.
+
+    The matching is MLflow's (filter clauses on tags, params and the metric), so it returns only runs that
+    count: each run it returns costs it a read of all the run's params, tags and metrics.
+    """
     metric, higher = TEST_METRICS[resolved.job.workload]
-    recipe = _recipe(resolved)
-    keyed = _finished(client, f"tags.`{SPEED_KEY_TAG}` = '{resolved.speed_key}'")
-    same = [run for run in keyed if _matches(run, recipe)]
-    runs, basis = (same, "same settings") if same else (keyed, "same speed key")
-    if not runs:
-        settings = recipe | _settings(resolved)
-        runs = [run for run in _finished(client, f"tags.`oppen.workload` = '{resolved.job.workload}'")
-                if _matches(run, settings)]
-        basis = "same settings, other hardware"
     key = keys.metric_key(metric)
-    scored = [run for run in runs if key in run.data.metrics]
-    costs = [run.data.metrics[keys.COST_TOTAL] for run in scored if keys.COST_TOTAL in run.data.metrics]
-    points = [run.data.metrics[keys.COST_TOTAL] / run.data.metrics[keys.COST_PER_POINT] for run in scored
+    scored = f"metrics.`{key}` >= 0"  # evaluated runs only (accuracy and perplexity are never negative)
+    keyed = f"tags.`{SPEED_KEY_TAG}` = '{resolved.speed_key}'"
+    recipe = _recipe(resolved)
+    runs, basis = _finished(client, [keyed, scored], recipe), "same settings"
+    if not runs:
+        runs, basis = _finished(client, [keyed, scored], {}), "same speed key"
+    if not runs:
+        workload = f"tags.`oppen.workload` = '{resolved.job.workload}'"
+        runs, basis = _finished(client, [workload, scored], recipe | _settings(resolved)), "same settings, other hardware"
+    costs = [run.data.metrics[keys.COST_TOTAL] for run in runs if keys.COST_TOTAL in run.data.metrics]
+    points = [run.data.metrics[keys.COST_TOTAL] / run.data.metrics[keys.COST_PER_POINT] for run in runs
               if run.data.metrics.get(keys.COST_PER_POINT, 0) > 0 and run.data.metrics.get(keys.COST_TOTAL, 0) > 0]
-    return Quality(metric, higher, basis if scored else None, [run.data.metrics[key] for run in scored], costs, points)
+    return Quality(metric, higher, basis if runs else None, [run.data.metrics[key] for run in runs], costs, points)
 
 
-def _finished(client: MlflowClient, condition: str) -> list[Run]:
+def _finished(client: MlflowClient, conditions: list[str], params: dict[str, str | None]) -> list[Run]:
+    """The newest finished runs meeting `conditions` whose params are `params` (None: logged as "None")."""
     experiments = [experiment.experiment_id for experiment in client.search_experiments()]
     if not experiments:
         return []
-    return client.search_runs(experiments, filter_string=f"{condition} and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=QUALITY_RUNS)
+    # A value MLflow's filter cannot quote is matched here instead, on what the filter let through.
+    quotable = {name: value for name, value in params.items() if "'" not in str(value) and "`" not in name}
+    clauses = [*conditions, "attributes.status = 'FINISHED'",
+               *(f"params.`{name}` = '{'None' if value is None else value}'" for name, value in quotable.items())]
+    found = client.search_runs(experiments, filter_string=" and ".join(clauses),
+                               order_by=["attributes.start_time DESC"], max_results=QUALITY_RUNS)
+    rest = {name: value for name, value in params.items() if name not in quotable}
+    return [run for run in found if _matches(run, rest)] if rest else found
 
 
 def _recipe(resolved: ResolvedJob) -> dict[str, str | None]:

@@ -38,6 +38,8 @@ LEDGER_PRICED_METRICS = frozenset({"test_accuracy"})
 RUN_ID_CHUNK = 100  # run ids per MLflow `run_id IN (...)` filter
 WARN_FRACTION = CostPolicy.model_fields["warn_fraction"].default  # where runs start emitting budget warnings
 MAX_UTILIZATION_RUNS = 5000
+# The ledger's final run statuses, as MLflow names how the run ended (refused and expired runs never trained).
+LEDGER_RUN_STATUS = {"settled": "FINISHED", "stopped": "FINISHED", "failed": "FAILED", "preempted": "KILLED"}
 
 
 class ReportWindow(BaseModel):
@@ -319,8 +321,10 @@ class RunUtilization(BaseModel):
     experiment: str = Field(description="MLflow experiment name.")
     team: str | None = Field(None, description="The team that paid.")
     workload: str = Field(description="mnist, lm, ...")
-    status: str = Field(description="MLflow run status (FINISHED, FAILED, KILLED).")
-    started_at: datetime = Field(description="When it started (UTC).")
+    status: str = Field(description="How the run ended, as MLflow says it: FINISHED (settled or stopped at its cap), "
+                        "FAILED, or KILLED (preempted and not resumed).")
+    started_at: datetime = Field(description="When it started (UTC): its reservation (MLflow's start, for runs "
+                                 "the ledger has no figures of).")
     seconds: float = Field(description="Seconds billed (peak + off-peak).")
     gpus: int = Field(description="GPUs requested.")
     gpu_type: str | None = Field(None, description="GPU type requested.")
@@ -334,7 +338,7 @@ class RunUtilization(BaseModel):
     billed_device: str = Field(description="gpu when GPUs were requested (they dominate the price), else cpu.")
     utilization: float | None = Field(None, description="Utilisation of the billed device, 0-1: GPU utilisation, "
                                       "or CPU cores busy / cores requested; None when not measured.")
-    cost_micros: Micros = Field(description="What the run cost (MLflow's cost_usd, the ledger's figure).")
+    cost_micros: Micros = Field(description="What the run cost: the ledger's figure (MLflow's cost/total_usd).")
     cost_usd: float = Field(description="What the run cost, in dollars.")
     idle_micros: Micros | None = Field(None, description="Money spent on idle capacity: cost x (1 - utilization).")
     idle_usd: float | None = Field(None, description="Idle money, in dollars.")
@@ -374,59 +378,99 @@ def get_resource_utilization_report(start: datetime | date | None = None, end: d
                                     team: str | None = None, limit: int = 100) -> UtilizationReport:
     """Per finished training run: measured use against what was requested and paid for, and the idle money.
 
-    One MLflow search reads the newest `limit` runs of the range. MLflow loads every param, tag and
-    metric of each run it returns (about 3-8 ms a run on SQLite), so the default keeps the call short
-    and the answer small enough for an agent to read; ask for more when totals must cover a busy month.
+    From the ledger: each settlement books the run's seconds, resources and measured utilisation beside
+    its money, so one query answers for the newest `limit` runs of the range. MLflow is asked only for
+    runs settled before the ledger kept those figures (or whose last settlement was an earlier attempt's),
+    a hundred runs a request: each run it returns costs it a read of all the run's params, tags and metrics.
     """
     since, until = window(start, end)
     if not isinstance(limit, int) or not 1 <= limit <= MAX_UTILIZATION_RUNS:
         raise InvalidInput(f"limit must be a whole number of runs from 1 to {MAX_UTILIZATION_RUNS}, got {limit!r}")
-    if team is not None and not re.fullmatch(NAME_PATTERN, team):  # it goes into an MLflow filter string
+    if team is not None and not re.fullmatch(NAME_PATTERN, team):
         raise InvalidInput(f"{team!r} is not a team name (lowercase letters, digits, '.', '_' or '-')")
-    client = context.mlflow()
-    names = {e.experiment_id: e.name for e in client.search_experiments()}
-    clauses = [
-        "tags.`oppen.workload` IS NOT NULL", f"metrics.`{keys.COST_TOTAL}` >= 0", "attributes.status != 'RUNNING'",
-        f"attributes.start_time >= {int(since.timestamp() * 1000)}", f"attributes.start_time < {int(until.timestamp() * 1000)}",
-    ]
-    if team:
-        clauses.append(f"tags.`oppen.team` = '{team}'")
-    found = client.search_runs(list(names), filter_string=" and ".join(clauses),
-                               order_by=["attributes.start_time DESC"], max_results=limit + 1) if names else []
-    runs = [run_utilization(run, names.get(run.info.experiment_id, run.info.experiment_id)) for run in found[:limit]]
+    with context.ledger() as ledger:
+        rows = ledger.rows(team=team, since=since, until=until)
+    ran = [row for row in reversed(rows) if row["mlflow_run_id"] and row["status"] in LEDGER_RUN_STATUS]  # newest first
+    chosen = ran[:limit]
+    from_ledger = {row["mlflow_run_id"]: ledger_utilization(row) for row in chosen}
+    missing = [run_id for run_id, found in from_ledger.items() if found is None]
+    from_mlflow = _mlflow_utilization(missing) if missing else {}
+    runs = [found for row in chosen
+            if (found := from_ledger[row["mlflow_run_id"]] or from_mlflow.get(row["mlflow_run_id"])) is not None]
     idle = sum(run.idle_micros or 0 for run in runs)
     cost = sum(run.cost_micros for run in runs)
     return UtilizationReport(
-        start=since, end=until, team=team, runs=runs, truncated=len(found) > limit, by_team=_teams(runs),
+        start=since, end=until, team=team, runs=runs, truncated=len(ran) > limit, by_team=_teams(runs),
         total_cost_micros=cost, total_cost_usd=usd_float(cost), total_idle_micros=idle, total_idle_usd=usd_float(idle),
     )
 
 
+def ledger_utilization(row: Mapping) -> RunUtilization | None:
+    """The run's use as its last settlement booked it; None when the ledger cannot say (ask MLflow)."""
+    detail = _detail_of(row)
+    if "utilization" not in detail or detail.get("attempt") != row.get("attempts"):
+        return None
+    resources, measured = detail.get("resources") or {}, detail.get("utilization") or {}
+    return _utilization(
+        mlflow_run_id=row["mlflow_run_id"], flow_run_id=row["run_key"], experiment=row["experiment"], team=row["team"],
+        workload=row.get("workload") or "", status=LEDGER_RUN_STATUS[row["status"]],
+        started_at=_as_utc(row["created_at"]), seconds=float(detail.get("seconds") or 0.0),
+        gpus=int(resources.get("gpus") or 0), gpu_type=resources.get("gpu_type"),
+        cpu_cores=float(resources.get("cpu_cores") or 1.0), memory_gib=float(resources.get("memory_gib") or 0.0),
+        cpu_cores_mean=measured.get(keys.CPU_CORES_MEAN), cpu_cores_peak=measured.get(keys.CPU_CORES_PEAK),
+        memory_peak_gib=measured.get(keys.MEMORY_PEAK_GIB), gpu_util_mean=measured.get(keys.GPU_UTIL_MEAN),
+        gpu_memory_peak_gib=measured.get(keys.GPU_MEMORY_PEAK_GIB), cost_micros=int(row["spent_micros"]),
+    )
+
+
+def _mlflow_utilization(run_ids: list[str]) -> dict[str, RunUtilization]:
+    client = context.mlflow()
+    names = {e.experiment_id: e.name for e in client.search_experiments(view_type=ViewType.ALL)}
+    found = {}
+    wanted = sorted({run_id for run_id in run_ids if run_id.isalnum()})  # MLflow ids are hex
+    for first in range(0, len(wanted), RUN_ID_CHUNK):
+        chunk = wanted[first:first + RUN_ID_CHUNK]
+        for run in client.search_runs(list(names), filter_string="attributes.run_id IN ({})".format(
+                ", ".join(f"'{run_id}'" for run_id in chunk)), run_view_type=ViewType.ALL, max_results=len(chunk)):
+            if keys.COST_TOTAL in run.data.metrics:
+                found[run.info.run_id] = run_utilization(run, names.get(run.info.experiment_id, run.info.experiment_id))
+    return found
+
+
 def run_utilization(run, experiment: str) -> RunUtilization:
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    gpus = int(_param(params, "cost.resources.gpus", float, 0))
-    cores = _param(params, "cost.resources.cpu_cores", float, 1.0)
-    gpu_mean = metrics.get(keys.GPU_UTIL_MEAN)
-    cpu_mean = metrics.get(keys.CPU_CORES_MEAN)
-    if gpus:
-        device, utilization = "gpu", gpu_mean
-    else:
-        device, utilization = "cpu", (cpu_mean / cores) if cpu_mean is not None and cores else None
-    utilization = None if utilization is None else min(1.0, max(0.0, utilization))
-    cost = to_micros(metrics[keys.COST_TOTAL])
-    idle = None if utilization is None else round(cost * (1 - utilization))
-    return RunUtilization(
+    return _utilization(
         mlflow_run_id=run.info.run_id, flow_run_id=tags.get("prefect.flow_run_id"), experiment=experiment,
         team=tags.get("oppen.team"), workload=tags.get("oppen.workload", ""), status=run.info.status,
         started_at=datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc),
         seconds=metrics.get(keys.PEAK_SECONDS, 0.0) + metrics.get(keys.OFF_PEAK_SECONDS, 0.0),
-        gpus=gpus, gpu_type=_param(params, "cost.resources.gpu_type", str, None), cpu_cores=cores,
+        gpus=int(_param(params, "cost.resources.gpus", float, 0)), gpu_type=_param(params, "cost.resources.gpu_type", str, None),
+        cpu_cores=_param(params, "cost.resources.cpu_cores", float, 1.0),
         memory_gib=_param(params, "cost.resources.memory_gib", float, 0.0),
-        cpu_cores_mean=cpu_mean, cpu_cores_peak=metrics.get(keys.CPU_CORES_PEAK),
-        memory_peak_gib=metrics.get(keys.MEMORY_PEAK_GIB), gpu_util_mean=gpu_mean,
-        gpu_memory_peak_gib=metrics.get(keys.GPU_MEMORY_PEAK_GIB), billed_device=device, utilization=utilization,
-        cost_micros=cost, cost_usd=usd_float(cost), idle_micros=idle, idle_usd=None if idle is None else usd_float(idle),
+        cpu_cores_mean=metrics.get(keys.CPU_CORES_MEAN), cpu_cores_peak=metrics.get(keys.CPU_CORES_PEAK),
+        memory_peak_gib=metrics.get(keys.MEMORY_PEAK_GIB), gpu_util_mean=metrics.get(keys.GPU_UTIL_MEAN),
+        gpu_memory_peak_gib=metrics.get(keys.GPU_MEMORY_PEAK_GIB), cost_micros=to_micros(metrics[keys.COST_TOTAL]),
     )
+
+
+def _utilization(*, gpus: int, cpu_cores: float, cpu_cores_mean: float | None, gpu_util_mean: float | None,
+                 cost_micros: int, **figures) -> RunUtilization:
+    """The billed device's utilisation and the money idle on it, from what was requested and measured."""
+    if gpus:
+        device, utilization = "gpu", gpu_util_mean
+    else:
+        device, utilization = "cpu", (cpu_cores_mean / cpu_cores) if cpu_cores_mean is not None and cpu_cores else None
+    utilization = None if utilization is None else min(1.0, max(0.0, utilization))
+    idle = None if utilization is None else round(cost_micros * (1 - utilization))
+    return RunUtilization(
+        gpus=gpus, cpu_cores=cpu_cores, cpu_cores_mean=cpu_cores_mean, gpu_util_mean=gpu_util_mean,
+        billed_device=device, utilization=utilization, cost_micros=cost_micros, cost_usd=usd_float(cost_micros),
+        idle_micros=idle, idle_usd=None if idle is None else usd_float(idle), **figures,
+    )
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
 def _teams(runs: list[RunUtilization]) -> list[TeamUtilization]:

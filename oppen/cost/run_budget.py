@@ -229,8 +229,10 @@ class RunBudget:
             attempt_id=self.attempt_id, run_key=self.run_key, team=self.policy.team, experiment=self.experiment,
             charges_by_month=cost.charges_micros, status=status, reason=cost.stop_reason,
             mlflow_run_id=self.mlflow_run_id,
+            # What the reports read from the ledger alone (quality, utilisation), instead of an MLflow run each.
             detail={"gpu_hours": cost.gpu_hours, "cpu_hours": cost.cpu_hours, "metric": cost.metric_name,
-                    "value": cost.metric_value, "attempt": cost.attempt},
+                    "value": cost.metric_value, "attempt": cost.attempt, "seconds": cost.seconds,
+                    "resources": self.policy.resources.model_dump(mode="json"), "utilization": cost.utilization},
         )
         path = self._journal(entry)
         settlement, problem = self._book(entry)
