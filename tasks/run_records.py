@@ -89,10 +89,15 @@ def history_of(client: MlflowClient, run: Run, limit: int = 50) -> list[RunRecor
         order_by=["attributes.start_time DESC"],
         max_results=limit,
     )
-    # The recommender reads a peer's epochs only to see whether another learning rate got there sooner
-    # (oppen.cost.recommend.learning_rate), and never its epoch costs: two requests fewer per peer.
-    rate = run.data.params.get("run.learning_rate")
-    records = (record_of(client, other, epoch_costs=False,
-                         val_history=other.data.params.get("run.learning_rate") != rate)
+    # The recommender reads a peer's epochs only to see whether another learning rate at the same batch size
+    # got there sooner (oppen.cost.recommend.learning_rate), and never its epoch costs: requests saved per peer.
+    params = run.data.params
+
+    def compared_epoch_by_epoch(other: Run) -> bool:
+        theirs = other.data.params
+        return (theirs.get("run.batch_size") == params.get("run.batch_size")
+                and theirs.get("run.learning_rate") != params.get("run.learning_rate"))
+
+    records = (record_of(client, other, epoch_costs=False, val_history=compared_epoch_by_epoch(other))
                for other in found if other.info.run_id != run.info.run_id)
     return [record for record in records if record is not None]

@@ -27,7 +27,7 @@ from tasks.tracking import flatten
 
 
 MIN_CANDIDATES, MAX_CANDIDATES = 2, 20
-QUALITY_RUNS = 30  # the newest finished runs of the same settings read per candidate for its quality history
+QUALITY_RUNS = 20  # the newest finished runs of the same settings read per candidate: enough for a mean and a best
 # The run settings that change what a run reaches (besides the speed key's model, data, batch and hardware).
 RECIPE = ("epochs", "learning_rate", "max_steps")
 
