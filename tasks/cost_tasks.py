@@ -170,7 +170,8 @@ def quote_run(book: PriceBook, workload: Workload, run: RunConfig, policy: CostP
         # stays in the loading time the speed history records (a run quoted from history pays it in training).
         quote = quote.model_copy(update={"calibration_seconds": sum(measured.step_seconds) + measured.eval_seconds})
     cheapest = None if quote.cheapest_start <= quote.start else f"{quote.cheapest_start:%Y-%m-%d %H:%M} UTC"
-    basis = (f"from history ({quote.speed.observations} runs)" if quote.speed.source == "history"
+    runs = quote.speed.observations
+    basis = (f"from history ({runs} run{'s' if runs != 1 else ''})" if quote.speed.source == "history"
              else f"from a {quote.speed.observations}-step calibration")
     story_logger().info(quote_line(quote.expected_usd, quote.p90_usd, quote.expected_seconds, basis, cheapest,
                                    quote.saving_usd))
