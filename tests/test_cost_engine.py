@@ -104,8 +104,9 @@ def _info(total_steps: int, steps_per_epoch: int) -> RunInfo:
     return RunInfo("w", "cpu", total_steps, steps_per_epoch, total_steps // steps_per_epoch, 32, 0, {})
 
 
-def _drive(meter: CostMeter, clock: FakeClock, total: int, per_epoch: int, step_s: float, overhead_s: float) -> int:
-    """Run the callbacks as train() would; returns the steps completed."""
+def _drive(meter: CostMeter, clock: FakeClock, total: int, per_epoch: int, step_s: float, overhead_s: float,
+           stop_s: float = 0.0) -> int:
+    """Run the callbacks as train() would (a stop writes a checkpoint for `stop_s`); returns the steps completed."""
     control = LoopControl()
     meter.on_train_start(_info(total, per_epoch), control)
     done = 0
@@ -121,6 +122,8 @@ def _drive(meter: CostMeter, clock: FakeClock, total: int, per_epoch: int, step_
             clock.advance(overhead_s)
             meter.on_epoch_end(EpochRecord(epoch=epoch, step=step, train_loss=1.0, metrics={}, epoch_seconds=1,
                                            samples_per_second=1), control)
+    if control.should_stop:
+        clock.advance(stop_s)
     meter.on_train_end(_result(done, total), control)
     return done
 
@@ -176,6 +179,31 @@ def test_meter_keeps_the_epoch_end_and_the_tail_inside_the_cap():
     # validation pass would leave no room for the tail, so the meter stops before it.
     assert done == 9
     assert meter.accrued_usd + 0.45 * 12.0 / 3600 <= cap + 1e-12
+
+
+def test_training_ends_where_the_limit_stops_it_and_the_checkpoint_after_is_tail():
+    clock = FakeClock(NOON)
+    cap = 0.45 * (10 * 6.0 + 30.0) / 3600
+    meter = CostMeter(BOOK, GPU, cap_usd=cap, clock=clock, expected_step_seconds=6.0,
+                      expected_epoch_overhead_seconds=30.0, tail_reserve_seconds=12.0)
+    done = _drive(meter, clock, total=40, per_epoch=10, step_s=6.0, overhead_s=30.0, stop_s=4.0)
+    assert done == 9
+    # What the stop rule guarantees, at the point it applied it: what training spent plus the reserve fits.
+    assert meter.training_usd_at_end == pytest.approx(0.45 * 9 * 6.0 / 3600)
+    assert meter.training_usd_at_end + meter.tail_reserve_usd <= cap + 1e-12
+    # The checkpoint the stop writes is billed, after training, out of the reserve.
+    assert meter.accrued_usd == pytest.approx(0.45 * (9 * 6.0 + 4.0) / 3600)
+    assert meter.seconds_at_train_end == pytest.approx(9 * 6.0)
+
+
+def test_training_resumed_after_a_reclaim_ends_at_its_last_segment():
+    clock = FakeClock(NOON)
+    meter = CostMeter(BOOK, GPU, clock=clock)
+    _drive(meter, clock, total=4, per_epoch=4, step_s=6.0, overhead_s=0.0)
+    clock.advance(60.0)  # the reclaim and the restore, before training goes on
+    _drive(meter, clock, total=4, per_epoch=4, step_s=6.0, overhead_s=0.0)
+    assert meter.training_usd_at_start == 0.0
+    assert meter.training_usd_at_end == pytest.approx(meter.accrued_usd)
 
 
 def test_a_rescheduled_attempt_may_spend_only_what_the_cap_has_left():

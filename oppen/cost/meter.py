@@ -276,6 +276,7 @@ class CostMeter(Callback):
         if self.training_usd_at_start is None:
             self.training_usd_at_start = self.totals.usd
             self.seconds_at_train_start = self.totals.seconds
+        self.training_usd_at_end = self.seconds_at_train_end = None  # training (again, after a reclaim) under way
         # A resumed attempt (after a reclaim) starts a fresh epoch timing; epochs already ended stay counted.
         self.epoch_ends_done = info.start_step // info.steps_per_epoch
         self.timing.step_walls = []
@@ -345,8 +346,9 @@ class CostMeter(Callback):
     def on_train_end(self, result: TrainResult, control: LoopControl) -> None:
         self.tick()
         self._close_epoch_overhead(self._last_mono)
-        self.training_usd_at_end = self.totals.usd
-        self.seconds_at_train_end = self.totals.seconds
+        if self.training_usd_at_end is None:  # set already when the limit stopped the run (see _stop)
+            self.training_usd_at_end = self.totals.usd
+            self.seconds_at_train_end = self.totals.seconds
 
     def _close_epoch_overhead(self, mono: float) -> None:
         """The gap from an epoch's last step to the next step (or the end) is that epoch's overhead."""
@@ -367,6 +369,11 @@ class CostMeter(Callback):
 
     def _stop(self, control: LoopControl, step: StepInfo, unit_usd: float, tail_usd: float) -> None:
         self.tail_reserve_usd = tail_usd
+        # Training ends here, at the step it will not take. What follows (the checkpoint the run resumes
+        # from, the test pass, logging the model) is the tail that the reserve was kept back for, and the
+        # rule above is what guarantees that this figure plus the reserve fits the limit.
+        self.training_usd_at_end = self.totals.usd
+        self.seconds_at_train_end = self.totals.seconds
         why = self.limited_by or ("the run's max_cost_usd" if self.cap_usd is not None else "its hold")
         earlier = f"; earlier attempts spent ${self.prior_usd:.6f}" if self.prior_usd else ""
         self.stopped_for_cap = (

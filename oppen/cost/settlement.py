@@ -28,7 +28,7 @@ class RunCost(BaseModel):
     prior_micros: int  # what the run's earlier attempts spent (as the ledger knew it)
     run_cost_micros: int  # the run's total: prior + this attempt (the ledger's figure once settled)
     training_usd: float  # from training's start to its end
-    at_training_end_usd: float  # everything this attempt spent up to the end of training
+    at_training_end_usd: float  # everything this attempt spent up to the end of training (a stop at the limit ends it)
     tail_reserve_usd: float  # what the limit kept back for the work after training (test pass, model logging)
     on_demand_usd: float  # this attempt's seconds at the full on-demand price
     seconds: float
