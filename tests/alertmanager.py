@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
 from oppen.local_stack import PROJECT_DIR, free_port
 
 BINARY = shutil.which("prometheus-alertmanager") or "/usr/bin/prometheus-alertmanager"
+needs_alertmanager = pytest.mark.skipif(not Path(BINARY).exists(), reason="prometheus-alertmanager is absent: the "
+                                        "alerting tier needs Debian's package (.ci/run installs it)")
 CONFIG = PROJECT_DIR / "infra" / "monitoring" / "alertmanager" / "alertmanager.yml"
 RECEIVER = "oppen-prefect"
 

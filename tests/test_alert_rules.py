@@ -19,6 +19,7 @@ from tests.promtool.promql import (
     MONITORING,
     alerting_rules,
     metric_names,
+    needs_promtool,
     prometheus_rules,
     promtool,
     rule_groups,
@@ -76,6 +77,7 @@ def test_each_concern_is_one_prometheusrule_that_the_operator_selects():
             assert set(group) == {"name", "interval", "rules"} and group["rules"]
 
 
+@needs_promtool
 def test_promtool_loads_every_rule_file(rule_files):
     for concern, path in rule_files.items():
         result = promtool("check", "rules", str(path))
@@ -83,6 +85,7 @@ def test_promtool_loads_every_rule_file(rule_files):
         assert "WARNING" not in (result.stdout + result.stderr).upper(), result.stdout
 
 
+@needs_promtool
 @pytest.mark.parametrize("concern", CONCERNS)
 def test_promtool_unit_tests_pass(concern, rule_files, tmp_path):
     """tests/promtool/<concern>.test.yaml against the rule groups as they ship."""
@@ -94,6 +97,7 @@ def test_promtool_unit_tests_pass(concern, rule_files, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@needs_promtool
 def test_promtool_unit_tests_can_fail(rule_files, tmp_path):
     """The harness is not vacuous: a rule whose threshold moved fails its unit test."""
     groups = rule_groups(prometheus_rules()["memory"])

@@ -28,6 +28,7 @@ from tests.promtool.promql import (
     PREFECT_SERVER_METRICS,
     check_expressions,
     metric_names,
+    needs_promtool,
     prometheus_rules,
     rule_groups,
 )
@@ -222,6 +223,7 @@ def test_every_query_is_on_the_datasource_variable(name):
         assert variable.datasource.model_dump() == DATASOURCE, variable.name
 
 
+@needs_promtool
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_every_query_parses_and_reads_only_served_metrics(name, tmp_path):
     dashboard = load(name)
@@ -233,6 +235,7 @@ def test_every_query_parses_and_reads_only_served_metrics(name, tmp_path):
         assert names and names <= KNOWN_METRICS, f"{name} {key}: {sorted(names - KNOWN_METRICS)}"
 
 
+@needs_promtool
 def test_a_query_that_does_not_parse_or_a_metric_nobody_serves_is_caught(tmp_path):
     """The two checks above are not vacuous."""
     assert check_expressions({"bad": "sum by (team (oppen_run_gpus)"}, tmp_path).returncode != 0

@@ -21,12 +21,12 @@ import pytest
 from oppen.automations import DEFAULT_FILE, apply_automations
 from oppen.events import ALERT_FIRING, ALERT_RESOLVED, alert_event_id
 from oppen.local_stack import free_port, wait_http
-from tests.alertmanager import Alertmanager
+from tests.alertmanager import Alertmanager, needs_alertmanager
 from tests.slack_server import FakeSlack
 from tests.slack_stack import slack_stack
 from tests.stack import PrefectStack
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, needs_alertmanager]
 
 TOKEN = "it-" + os.urandom(16).hex()
 SLACK_TOKEN = "xoxb-alerts-test-token"

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from oppen.local_stack import PROJECT_DIR
@@ -16,6 +17,8 @@ from oppen.metrics.catalog import ALL
 MONITORING = PROJECT_DIR / "infra" / "monitoring"
 RULES = MONITORING / "rules"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+needs_promtool = pytest.mark.skipif(not Path(PROMTOOL).exists(), reason="promtool is absent: the monitoring tier "
+                                    "needs Debian's prometheus package (.ci/run installs it)")
 
 # What Prefect 3.8.8's server serves at /api/metrics (PREFECT_SERVER_METRICS_ENABLED=true), recorded from a
 # real one: a fresh server serves the unlabelled ones; the worker channel's connection counter appears once
