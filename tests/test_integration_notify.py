@@ -129,6 +129,17 @@ def test_the_weekly_cost_report_posts_the_spend_per_team_and_experiment(stack, s
     assert "notify-report" in _blocks_text(run_summary)
     blocks = _blocks_text(message)
     from oppen.cost.money import format_usd, to_micros
+    from oppen.notify.blocks import MAX_REPORT_ROWS
 
-    assert "notify-report" in blocks and f"{format_usd(to_micros(report.total_usd))} over {report.runs} run" in blocks
+    assert f"{format_usd(to_micros(report.total_usd))} over {report.runs} run" in blocks
+    # The stack is the session's: other tests' experiments spent this week too. The message names the
+    # costliest pairs and counts the rest; this run's experiment is in the report either way.
+    scopes = sorted(report.by_scope, key=lambda row: float(row["actual_usd"]), reverse=True)
+    assert any(row["experiment"] == "notify-report" for row in scopes)
+    for row in scopes[:MAX_REPORT_ROWS]:
+        assert row["experiment"][:20] in blocks
+    if len(scopes) > MAX_REPORT_ROWS:
+        assert f"and {len(scopes) - MAX_REPORT_ROWS} more" in blocks
+    else:
+        assert "notify-report" in blocks
     assert message["channel"] == "#ml-runs"  # a report across teams goes to the default channel
