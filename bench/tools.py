@@ -484,6 +484,17 @@ def time_tool(tool: Tool, calls: int) -> Timed:
     return timed
 
 
+def time_all(tools: list[Tool], calls: int, label: str) -> list[tuple[Tool, Timed]]:
+    """One pass over every tool, each line printed as it is timed."""
+    results = []
+    for tool in tools:
+        timed = time_tool(tool, calls)
+        results.append((tool, timed))
+        print(f"  {tool.name}{label}: " + (timed.error or f"p95 {nearest_rank(timed.timings, 0.95):.1f} ms, "
+                                           f"{len(timed.full_gc_ms)} full collections"), flush=True)
+    return results
+
+
 def profile(tool: Tool, calls: int = 5) -> None:
     """Where a tool's time goes, by cumulative time: overall, then in this repository's own functions.
 
@@ -578,20 +589,10 @@ def main() -> int:
         # Two passes, side by side. First as a process that has only imported and seeded (a REPL, a
         # notebook); then with what it holds frozen out of the collector (gc.freeze), as `oppen mcp`
         # does once it is built, so a full collection walks only what the calls themselves made.
-        results = []
-        for tool in tools(history):
-            timed = time_tool(tool, args.calls)
-            results.append((tool, timed))
-            print(f"  {tool.name}: " + (timed.error or f"p95 {nearest_rank(timed.timings, 0.95):.1f} ms, "
-                                        f"{len(timed.full_gc_ms)} full collections"), flush=True)
+        results = time_all(tools(history), args.calls, "")
         gc.collect()
         gc.freeze()
-        frozen = []
-        for tool in tools(history):
-            timed = time_tool(tool, args.calls)
-            frozen.append((tool, timed))
-            print(f"  {tool.name} (frozen): " + (timed.error or f"p95 {nearest_rank(timed.timings, 0.95):.1f} ms, "
-                                                 f"{len(timed.full_gc_ms)} full collections"), flush=True)
+        frozen = time_all(tools(history), args.calls, " (frozen)")
         walls = cold_starts(stack.env, args.cold_runs)
         print(report(results, frozen, walls, args, len(history.planned) + 1,  # the batch's parent too
                      len(history.of("completed", "failed", "cancelled"))),
