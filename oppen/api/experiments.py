@@ -21,6 +21,7 @@ from sqlalchemy import case, func, select
 from oppen import tracking_keys as keys
 from oppen.api import context
 from oppen.api.errors import InvalidInput
+from oppen.api.moments import as_utc
 from oppen.api.recommendations import find_run
 from oppen.api.registry import ModelVersionInfo, versions_of_run
 from oppen.cost.ledger import REFUSED, RESERVED, RUNNING, Ledger
@@ -182,7 +183,7 @@ def booked_per_experiment(ledger: Ledger, names: Iterable[str]) -> dict[str, _Bo
             refused=int(row.refused or 0) if row else 0, queued=int(wait.queued) if wait else 0,
             spent=int(row.spent) if row else 0,  # PostgreSQL sums BIGINT as NUMERIC
             held=(int(row.held) if row else 0) + (int(wait.held) if wait else 0),
-            last_created=_utc(row.last_created) if row else None,
+            last_created=as_utc(row.last_created) if row else None,
         )
     return result
 
@@ -303,7 +304,3 @@ def experiment_url(settings: OppenSettings, experiment_id: str) -> str | None:
 def run_url(settings: OppenSettings, experiment_id: str, run_id: str) -> str | None:
     """The URL the training flow logs for its run (tasks.mlflow_tasks.open_tracking_run)."""
     return mlflow_run_url(settings.ui_url, experiment_id, run_id)
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)

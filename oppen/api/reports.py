@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from oppen import tracking_keys as keys
 from oppen.api import context
 from oppen.api.errors import InvalidInput, NotFound
+from oppen.api.moments import as_utc
 from oppen.cost.ledger import Ledger, month_of, utcnow
 from oppen.cost.money import Micros, to_micros, usd_float
 from oppen.cost.policy import NAME_PATTERN, CostPolicy
@@ -77,7 +78,7 @@ def window(start, end) -> tuple[datetime, datetime]:
 
 def _instant(value: datetime | date, end: bool) -> datetime:
     if isinstance(value, datetime):
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return as_utc(value)
     day = value + timedelta(days=1) if end else value
     return datetime.combine(day, time(), tzinfo=timezone.utc)
 
@@ -414,7 +415,7 @@ def ledger_utilization(row: Mapping) -> RunUtilization | None:
     return _utilization(
         mlflow_run_id=row["mlflow_run_id"], flow_run_id=row["run_key"], experiment=row["experiment"], team=row["team"],
         workload=row.get("workload") or "", status=LEDGER_RUN_STATUS[row["status"]],
-        started_at=_as_utc(row["created_at"]), seconds=float(detail.get("seconds") or 0.0),
+        started_at=as_utc(row["created_at"]), seconds=float(detail.get("seconds") or 0.0),
         gpus=int(resources.get("gpus") or 0), gpu_type=resources.get("gpu_type"),
         cpu_cores=float(resources.get("cpu_cores") or 1.0), memory_gib=float(resources.get("memory_gib") or 0.0),
         cpu_cores_mean=measured.get(keys.CPU_CORES_MEAN), cpu_cores_peak=measured.get(keys.CPU_CORES_PEAK),
@@ -468,9 +469,6 @@ def _utilization(*, gpus: int, cpu_cores: float, cpu_cores_mean: float | None, g
         idle_micros=idle, idle_usd=None if idle is None else usd_float(idle), **figures,
     )
 
-
-def _as_utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
 def _teams(runs: list[RunUtilization]) -> list[TeamUtilization]:

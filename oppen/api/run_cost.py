@@ -9,7 +9,7 @@ them (hours, quote and forecast errors, per-epoch costs). `agrees_with_ledger` c
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import datetime
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -21,6 +21,7 @@ from oppen import tracking_keys as keys
 from oppen.api import context
 from oppen.api.errors import InvalidInput, NotFound
 from oppen.api.experiments import FLOW_RUN_TAG, metric_group
+from oppen.api.moments import as_utc
 from oppen.api.recommendations import FLOW_RUN_ID, MLFLOW_RUN_ID, find_run
 from oppen.cost.ledger import RUNNING, Ledger
 from oppen.cost.ledger_schema import runs
@@ -161,8 +162,8 @@ def attempt_costs(rows: list[dict]) -> list[AttemptCost]:
             held_usd=usd_float(row["held_micros"]) if row["status"] == RUNNING else 0.0,
             cost_micros=int(row["cost_micros"]) if row["cost_micros"] is not None else None,
             cost_usd=usd_float(row["cost_micros"]) if row["cost_micros"] is not None else None,
-            started_at=_utc(row["started_at"]), settled_at=_utc(row["settled_at"]) if row["settled_at"] else None,
-            expires_at=_utc(row["expires_at"]), reason=row["reason"],
+            started_at=as_utc(row["started_at"]), settled_at=as_utc(row["settled_at"]) if row["settled_at"] else None,
+            expires_at=as_utc(row["expires_at"]), reason=row["reason"],
         )
         for row in rows
     ]
@@ -245,7 +246,3 @@ def _mlflow_run(client: MlflowClient, run_id: str) -> Run | None:
         if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
